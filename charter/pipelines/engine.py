@@ -1,0 +1,128 @@
+"""An OpenAI-compatible engine (a vLLM server, or several replicas), spoken to with `openai`.
+
+Requests go out concurrently, bounded by a semaphore, round-robin over the replicas, and are
+retried with backoff on transport errors and 5xx; vLLM batches what is in flight. After the
+last retry the error names the URL and the cause. Generated tokens are counted so stages can
+report tokens/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from charter.errors import JudgeError
+
+T = TypeVar("T")
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Usage:
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    requests: int = 0
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(time.monotonic() - self.started, 1e-9)
+
+
+class Engine:
+    def __init__(self, base_urls: str | Sequence[str], model: str | None = None, *, name: str = "judge",
+                 max_concurrency: int = 32, timeout_s: float = 300.0, retries: int = 3, api_key: str = "EMPTY"):
+        from openai import AsyncOpenAI
+
+        urls = [u.strip() for u in base_urls.split(",")] if isinstance(base_urls, str) else list(base_urls)
+        self.urls = urls
+        self.name = name
+        self.retries = retries
+        self.max_concurrency = max_concurrency
+        # The SDK's own retries are off: ours are visible in Usage and name the URL at the end.
+        self._clients = [AsyncOpenAI(base_url=u, api_key=api_key, timeout=timeout_s, max_retries=0) for u in urls]
+        self._next = itertools.cycle(range(len(urls)))
+        self._model = model
+        self.usage = Usage()
+        self._sem: asyncio.Semaphore | None = None
+
+    async def model(self) -> str:
+        if self._model is None:
+            models = await self._call(lambda c: c.models.list())
+            self._model = models.data[0].id
+        return self._model
+
+    async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        import openai
+
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            i = next(self._next)
+            try:
+                async with self._sem:
+                    return await fn(self._clients[i])
+            except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
+                     openai.RateLimitError) as e:
+                last = e
+                self.usage.retries += 1
+                if attempt < self.retries:
+                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+            except openai.APIStatusError as e:  # 4xx: our request is wrong; retrying won't help
+                raise JudgeError(f"{self.name} at {self.urls[i]} refused a request: {e.status_code} {e.message}") from e
+        raise JudgeError(f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: "
+                         f"{type(last).__name__}: {last}") from last
+
+    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float, n: int = 1,
+                   seed: int | None = None) -> list[str | None]:
+        model = await self.model()
+
+        async def go(c: Any) -> Any:
+            return await c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                   temperature=temperature, n=n, seed=seed)
+
+        r = await self._call(go)
+        self.usage.requests += 1
+        if r.usage:
+            self.usage.completion_tokens += r.usage.completion_tokens
+            self.usage.prompt_tokens += r.usage.prompt_tokens
+        return [c.message.content for c in r.choices]
+
+    async def prompt_logprobs(self, messages: Messages) -> list | None:
+        """vLLM's logprobs of the prompt tokens, the last message continued (not closed)."""
+        model = await self.model()
+
+        async def go(c: Any) -> Any:
+            return await c.chat.completions.create(
+                model=model, messages=messages, max_tokens=1, temperature=0.0,
+                extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0})
+
+        r = await self._call(go)
+        self.usage.requests += 1
+        if r.usage:
+            self.usage.prompt_tokens += r.usage.prompt_tokens
+        return (r.model_extra or {}).get("prompt_logprobs")
+
+    async def close(self) -> None:
+        for c in self._clients:
+            await c.close()
+
+
+async def gather_progress(coros: Sequence[Awaitable[T]], on_done: Callable[[int], None]) -> list[T]:
+    """Like asyncio.gather (order kept), calling on_done(n_done) as each finishes."""
+    done = 0
+
+    async def wrap(c: Awaitable[T]) -> T:
+        nonlocal done
+        out = await c
+        done += 1
+        on_done(done)
+        return out
+
+    return await asyncio.gather(*(wrap(c) for c in coros))

@@ -1,0 +1,45 @@
+"""Stage `generate`: the policy answers each prompt, `samples_per_prompt` times."""
+
+from __future__ import annotations
+
+import asyncio
+
+from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.events import Reporter
+from charter.spec import DataSpec
+
+Messages = list[dict[str, str]]
+
+
+def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Reporter) -> tuple[list[dict], dict]:
+    """Rows: {id, prompt_index, sample, prompt, response}; one request per prompt, n samples."""
+
+    async def one(i: int, prompt: Messages) -> list[str | None]:
+        out: list[str | None] = []
+        for _ in range(policy.retries + 1):  # an empty sample is asked again, then counted
+            out = await policy.chat(prompt, max_tokens=data.max_new_tokens, temperature=data.temperature,
+                                    n=data.samples_per_prompt, seed=data.seed + i)
+            if all(s and s.strip() for s in out):
+                break
+        return out
+
+    async def run() -> list[list[str | None]]:
+        try:
+            return await gather_progress(
+                [one(i, p) for i, p in enumerate(prompts)],
+                lambda n: report.progress(n, len(prompts), tokens_per_s=round(policy.usage.tokens_per_s, 1)))
+        finally:
+            await policy.close()
+
+    report.started("generate", total=len(prompts))
+    samples = asyncio.run(run())
+    rows, empty = [], 0
+    for i, (prompt, outs) in enumerate(zip(prompts, samples, strict=True)):
+        for k, text in enumerate(outs):
+            empty += not (text and text.strip())
+            rows.append({"id": f"p{i}-s{k}", "prompt_index": i, "sample": k, "prompt": prompt,
+                         "response": (text or "").strip()})
+    counts = {"prompts": len(prompts), "samples": len(rows), "empty": empty,
+              "completion_tokens": policy.usage.completion_tokens,
+              "tokens_per_s": round(policy.usage.tokens_per_s, 2), "retries": policy.usage.retries}
+    return rows, counts

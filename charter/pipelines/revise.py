@@ -1,0 +1,45 @@
+"""Stage `revise`: the judge rewrites each response under its principle's revision request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from charter.constitution import Constitution
+from charter.pipelines import judge as J
+from charter.pipelines.critique import ask_text, current, round_
+from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.events import Reporter
+from charter.spec import JudgeSpec
+
+
+def revise(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, round: int,
+           report: Reporter) -> tuple[list[dict], dict]:
+    """Appends this round's revision to `revisions`; a row whose critique failed keeps its text."""
+    by_id = {p.id: p for p in c.principles}
+
+    async def one(r: dict) -> str | None:
+        crit = r["critiques"][-1]
+        if crit is None:
+            return None
+        msgs = J.revision_messages(c, r["prompt"], current(r), crit, by_id[r["principles"][-1]])
+        return await ask_text(judge, msgs, spec)
+
+    async def run() -> list[str | None]:
+        try:
+            return await gather_progress(
+                [one(r) for r in rows],
+                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)))
+        finally:
+            await judge.close()
+
+    report.started("revise", total=len(rows), round=round)
+    out = asyncio.run(run())
+    new_rows, failed = [], 0
+    for r, text in zip(rows, out, strict=True):
+        r = dict(r)
+        failed += text is None
+        r.setdefault("revisions", []).append(text if text is not None else current(r))
+        new_rows.append(r)
+    counts = {"rows": len(rows), "unparsed": failed, "round": round,
+              "completion_tokens": judge.usage.completion_tokens, "tokens_per_s": round_(judge.usage.tokens_per_s)}
+    return new_rows, counts

@@ -1,0 +1,129 @@
+"""Local vLLM servers the worker starts and owns, one per model, reused across jobs.
+
+A job whose judge names no `base_url` gets a server for its judge model (and one for its
+policy model, the same one when they match). Start-up takes 30–90 s on a CPU, so servers
+stay up until the worker stops. The job process receives the URLs as environment variables.
+Nothing here imports torch or vllm: the server is a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from charter import models
+from charter.errors import CharterError
+from charter.settings import Settings
+from charter.spec import JobSpec
+
+START_TIMEOUT_S = float(os.environ.get("CHARTER_VLLM_START_TIMEOUT", "600"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served_name(model_ref: str) -> str:
+    return Path(model_ref).name or model_ref
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise CharterError(f"vLLM server for {base_url} exited with code {proc.returncode} while starting; "
+                               f"log {log}:\n{tail}")
+        try:
+            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise CharterError(f"vLLM server at {base_url} was not ready within {timeout_s:.0f} s; see {log}")
+
+
+def start_server(model_path: str, port: int, log: Path, kvcache_gib: float, max_model_len: int = 2048,
+                 ) -> subprocess.Popen:
+    env = dict(os.environ)
+    # Whole GiB only (vLLM reads an int). All cores: the job process trains while the server idles.
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kvcache_gib))))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+           "--served-model-name", served_name(model_path), "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), "--dtype", os.environ.get("CHARTER_VLLM_DTYPE", "auto"),
+           "--disable-uvicorn-access-log"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+class VLLMServerPool:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, model_path: str) -> str:
+        """The base URL of a ready server for `model_path`, starting one if needed."""
+        with self._lock:
+            if model_path in self._servers:
+                proc, url = self._servers[model_path]
+                if proc.poll() is None:
+                    return url
+                del self._servers[model_path]  # it died: start a fresh one
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1"
+            log = self.settings.home / "logs" / f"vllm-{served_name(model_path)}-{port}.log"
+            proc = start_server(model_path, port, log, self.settings.vllm_kvcache_gib)
+            try:
+                wait_ready(url, proc, START_TIMEOUT_S, log)
+            except Exception:
+                _stop(proc)
+                raise
+            self._servers[model_path] = (proc, url)
+            return url
+
+    def close(self) -> None:
+        with self._lock:
+            for proc, _ in self._servers.values():
+                _stop(proc)
+            self._servers.clear()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def job_endpoints(spec: JobSpec, pool: VLLMServerPool) -> dict[str, str]:
+    """Environment for a job process: where its judge and its policy are served."""
+    env = {}
+    if spec.judge.base_url:
+        env["CHARTER_JUDGE_URL"] = spec.judge.base_url
+    else:
+        env["CHARTER_JUDGE_URL"] = pool.ensure(models.ensure(spec.judge_model, pool.settings))
+    policy_path = models.ensure(spec.policy.model, pool.settings)
+    if not spec.judge.base_url and models.ensure(spec.judge_model, pool.settings) == policy_path:
+        env["CHARTER_POLICY_URL"] = env["CHARTER_JUDGE_URL"]
+    else:
+        env["CHARTER_POLICY_URL"] = pool.ensure(policy_path)
+    return env

@@ -1,0 +1,142 @@
+"""`train.args` → a TRL config, through TRL's own argument parser.
+
+The same code checks a spec at submit time (in a long-lived validator process, so the API
+never imports torch) and builds the config the trainer uses, so what was accepted is what
+runs. Each key is passed as `--key value` to `HfArgumentParser(DPOConfig)`, exactly as
+`trl dpo --beta 0.1` would, so argparse does the type checking; then the dataclass is built
+so its `__post_init__` checks run too.
+
+    python -m charter.pipelines.trl_args --serve    # JSON lines in, JSON lines out
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import io
+import json
+import sys
+import tempfile
+from typing import Any
+
+# Keys the service owns: where outputs go and where metrics are reported.
+OWNED = {
+    "output_dir": "charter writes outputs under the job's artifact folder",
+    "logging_dir": "charter writes outputs under the job's artifact folder",
+    "report_to": "charter reports metrics as job events; read them with GET /v1/jobs/{id}/events",
+    "push_to_hub": "charter returns artifacts through its API; push them yourself afterwards",
+    "hub_model_id": "charter does not push to a hub",
+    "hub_token": "charter does not push to a hub",
+    "hub_strategy": "charter does not push to a hub",
+    "hub_private_repo": "charter does not push to a hub",
+    "trust_remote_code": "charter never runs code shipped with a model",
+    "resume_from_checkpoint": "charter resumes a job from its own checkpoints",
+}
+
+
+def config_class(method: str) -> type:
+    if method == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _argv(key: str, value: Any) -> list[str]:
+    flag = f"--{key}"
+    if isinstance(value, bool):
+        return [flag, "true" if value else "false"]
+    if isinstance(value, list):
+        return [flag, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)]
+    if value is None:
+        return [flag, "None"]
+    return [flag, str(value)]
+
+
+def _parse(parser: Any, argv: list[str]) -> tuple[Any | None, str | None]:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+        return cfg, None
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
+        return None, (lines[-1].split("error:", 1)[1].strip() if lines else err.getvalue().strip())
+    except (ValueError, TypeError) as e:
+        return None, str(e)
+
+
+def check(method: str, args: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]:
+    """Problems with `args` for `method`, as [{loc, msg}]; empty when TRL accepts them."""
+    from transformers import HfArgumentParser
+
+    cls = config_class(method)
+    fields = {f.name for f in __import__("dataclasses").fields(cls) if f.init}
+    errors = []
+    for key in args:
+        loc = ["train", "args", key]
+        if key in OWNED:
+            errors.append({"loc": loc, "msg": f"{key} is set by charter, not by a job: {OWNED[key]}"})
+        elif key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            errors.append({"loc": loc, "msg": f"{cls.__name__} has no key {key!r}{hint} (see TRL's {cls.__name__} documentation)"})
+    if errors:
+        return errors
+    parser = HfArgumentParser(cls)
+    with tempfile.TemporaryDirectory() as out:
+        base = ["--output_dir", out] + (["--bf16", "false"] if cpu and "bf16" not in args else [])
+        for key, value in args.items():
+            _, msg = _parse(parser, base + _argv(key, value))
+            if msg:
+                errors.append({"loc": ["train", "args", key], "msg": f"{cls.__name__} rejects {key}={value!r}: {msg}"})
+        if not errors:
+            _, msg = _parse(parser, base + [a for k, v in args.items() for a in _argv(k, v)])
+            if msg:
+                errors.append({"loc": ["train", "args"], "msg": f"{cls.__name__}: {msg}"})
+    return errors
+
+
+def build(method: str, args: dict[str, Any], output_dir: str, overrides: dict[str, Any]) -> Any:
+    """The TRL config a trainer runs with: the user's keys, then charter's own."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_class(method))
+    argv = ["--output_dir", output_dir] + [a for k, v in {**args, **overrides}.items() for a in _argv(k, v)]
+    cfg, msg = _parse(parser, argv)
+    if msg:
+        raise ValueError(f"train.args: {msg}")
+    return cfg
+
+
+def serve() -> None:
+    """Answer {"method", "args", "cpu"} lines with {"errors": [...]} lines until stdin closes."""
+    import transformers  # noqa: F401  (pay the import once, before the first request)
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            out = {"errors": check(req["method"], req["args"], req.get("cpu", True))}
+        except Exception as e:  # a bug here must not take the validator down
+            out = {"errors": [{"loc": ["train", "args"], "msg": f"could not check train.args: {e}"}]}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Check train.args with TRL's own parser (used by the API).")
+    ap.add_argument("--serve", action="store_true", help="answer JSON-line requests on stdin")
+    ap.add_argument("--method", choices=["sft", "dpo"])
+    ap.add_argument("--args", help="a JSON object of TRL config keys")
+    ns = ap.parse_args()
+    if ns.serve:
+        serve()
+    else:
+        print(json.dumps(check(ns.method, json.loads(ns.args or "{}")), indent=2))

@@ -1,0 +1,96 @@
+"""The job spec: the user-facing contract of a job (YAML or JSON).
+
+    name: harmless-dpo-demo
+    policy: {model: smollm2-135m}
+    judge: {model: smollm2-135m}            # or base_url: http://host:8000/v1
+    constitution: default                   # shipped name, file path, or inline mapping
+    prompts: {source: builtin:red-team, limit: 32}
+    data: {samples_per_prompt: 2, revision_rounds: 1, labels: ai}
+    train: {method: dpo, lora: {r: 16, alpha: 32}, args: {beta: 0.1}}
+    evaluate: {prompts: builtin:red-team-heldout, limit: 32}
+
+Every model here forbids unknown keys, so a typo is a 422 naming the field. The checks that
+need the outside world (does the model exist, does TRL accept `train.args`) live in
+`charter.validation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicySpec(_Strict):
+    model: str = Field(description="A prepared model name (see `charter models list`), an HF model id, or a local path.")
+
+
+class JudgeSpec(_Strict):
+    model: str | None = Field(None, description="The judge model; defaults to the policy's model.")
+    base_url: str | None = Field(None, description="An OpenAI-compatible vLLM server, e.g. http://host:8000/v1; several separated by commas. Absent: charter starts and owns a local vLLM server.")
+    served_model_name: str | None = Field(None, description="The model name the remote server expects; defaults to the one it lists first.")
+    max_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight to the judge at once.")
+    max_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a critique or a revision.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    timeout_s: float = Field(300.0, gt=0, description="Seconds before one judge request is abandoned and retried.")
+    retries: int = Field(3, ge=0, le=10, description="Retries of a request that failed in transport or did not parse.")
+
+
+class PromptsSpec(_Strict):
+    source: str = Field(description="builtin:red-team, builtin:red-team-heldout, builtin:helpful, builtin:helpful-heldout, or a JSONL path with a `prompt` column.")
+    limit: int | None = Field(None, ge=1, description="Use the first N prompts.")
+
+
+class DataSpec(_Strict):
+    samples_per_prompt: int = Field(2, ge=1, le=16, description="Policy samples per prompt.")
+    revision_rounds: int = Field(1, ge=1, le=8, description="Critique→revise rounds, a freshly sampled principle each.")
+    labels: Literal["ai", "revision"] = Field("ai", description="ai: the judge compares two samples (RL-CAI); revision: revision ≻ original (SL-CAI).")
+    disagreement: Literal["keep", "drop"] = Field("keep", description="Pairs whose two judge orders disagree: keep them with low confidence, or drop them.")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="Drop AI-labelled pairs below this confidence (|2p-1|).")
+    max_new_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a policy sample.")
+    temperature: float = Field(0.9, ge=0.0, le=2.0, description="Policy sampling temperature.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ai_needs_two(self) -> DataSpec:
+        if self.labels == "ai" and self.samples_per_prompt < 2:
+            raise ValueError("labels: ai compares two samples of each prompt; set samples_per_prompt: 2 or more, or use labels: revision")
+        return self
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules: a list of module names or 'all-linear'.")
+
+
+class TrainSpec(_Strict):
+    method: Literal["sft", "dpo"] = Field(description="sft trains on the final revisions; dpo on the preference pairs.")
+    lora: LoraSpec | None = Field(None, description="LoRA settings; absent means full fine-tuning.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keys of TRL's SFTConfig / DPOConfig, checked by TRL's own parser at submit time.")
+
+
+class EvaluateSpec(_Strict):
+    prompts: str = Field(description="A prompt source, as in prompts.source.")
+    limit: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(128, ge=8, le=4096)
+
+
+class JobSpec(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    policy: PolicySpec
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    constitution: str | dict[str, Any] = "default"
+    prompts: PromptsSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec
+    evaluate: EvaluateSpec | None = None
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge.model or self.policy.model

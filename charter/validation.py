@@ -1,0 +1,139 @@
+"""Everything checked when a job is submitted, so a bad spec is a 422 now, not a crash later.
+
+The shape comes from `charter.spec`; then the references are resolved (models, constitution,
+prompt sets) and `train.args` go through TRL's own parser. TRL imports torch, which the API
+process must not, so a long-lived validator subprocess (`charter.pipelines.trl_args
+--serve`) answers; `warm_up()` starts it when the API starts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+from charter import constitution, models, prompts
+from charter.errors import CharterError, ConstitutionError, ModelNotFound, SpecError
+from charter.settings import Settings
+from charter.spec import JobSpec
+
+
+class _TrlValidator:
+    """One `trl_args --serve` process, started lazily, restarted if it dies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "charter.pipelines.trl_args", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        ready = proc.stdout.readline()
+        if not ready:
+            raise CharterError("the TRL validator process failed to start; check that trl is installed")
+        return proc
+
+    def warm_up(self) -> None:
+        threading.Thread(target=self._ensure_locked, daemon=True, name="trl-validator-warmup").start()
+
+    def _ensure_locked(self) -> None:
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = self._start()
+        return self._proc
+
+    def check(self, method: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            for attempt in range(2):
+                proc = self._ensure()
+                try:
+                    proc.stdin.write(json.dumps({"method": method, "args": args, "cpu": _cpu_only()}) + "\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                    if line:
+                        return json.loads(line)["errors"]
+                except (BrokenPipeError, OSError):
+                    pass
+                self._proc = None  # died mid-request: start a fresh one and ask again
+            raise CharterError("the TRL validator process keeps dying; see the service log")
+
+    def close(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=10)
+
+
+_validator = _TrlValidator()
+
+
+def _cpu_only() -> bool:
+    # Reading /proc instead of importing torch: any NVIDIA device node means "maybe GPU".
+    import glob
+
+    return not glob.glob("/dev/nvidia[0-9]*")
+
+
+def warm_up() -> None:
+    """Start the TRL validator in the background so the first submit does not wait for it."""
+    _validator.warm_up()
+
+
+def close() -> None:
+    _validator.close()
+
+
+def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:
+    """A raw spec (parsed JSON/YAML) → a JobSpec, or SpecError listing every problem found."""
+    if not isinstance(raw, dict):
+        raise SpecError.one(["body"], f"a job spec must be a JSON object, got {type(raw).__name__}")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError([{"loc": list(err["loc"]), "msg": _pydantic_msg(err)} for err in e.errors()]) from None
+    errors: list[dict[str, Any]] = []
+
+    def collect(loc: list[str], fn: Any, *a: Any) -> None:
+        try:
+            fn(*a)
+        except SpecError as e:
+            errors.extend(e.errors)
+        except (ModelNotFound, CharterError) as e:
+            errors.append({"loc": loc, "msg": str(e)})
+
+    collect(["policy", "model"], models.resolve, spec.policy.model, settings)
+    if spec.judge.base_url is None:
+        collect(["judge", "model"], models.resolve, spec.judge_model, settings)
+    elif not all(u.strip().startswith(("http://", "https://")) for u in spec.judge.base_url.split(",")):
+        errors.append({"loc": ["judge", "base_url"], "msg": "each base_url must start with http:// or https://, e.g. http://host:8000/v1"})
+    try:
+        constitution.load(spec.constitution)
+    except ConstitutionError as e:
+        errors += [{"loc": ["constitution"], "msg": m} for m in e.errors]
+    collect(["prompts", "source"], prompts.load, spec.prompts.source, spec.prompts.limit, ("prompts", "source"))
+    if spec.evaluate:
+        collect(["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts"))
+    if not errors:  # the validator is the slow check: only ask it about an otherwise good spec
+        errors += _validator.check(spec.train.method, spec.train.args)
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def _pydantic_msg(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key; remove it or check its spelling against the job spec in the README"
+    if err["type"] == "missing":
+        return "required; add it to the spec"
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        return f"{msg} (got {err.get('input')!r})"
+    return msg.removeprefix("Value error, ")
