@@ -53,7 +53,7 @@ class _TrlValidator:
 
     def check(self, method: str, args: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
-            for attempt in range(2):
+            for _attempt in range(2):
                 proc = self._ensure()
                 try:
                     proc.stdin.write(json.dumps({"method": method, "args": args, "cpu": _cpu_only()}) + "\n")

@@ -92,10 +92,9 @@ def parse(data: dict[str, Any], name: str) -> Constitution:
     if not isinstance(dims, dict) or not dims:
         errors.append("dimensions: expected a mapping of dimension name to weight")
         dims = dict(DEFAULT_WEIGHTS)
-    for k, v in dims.items():
-        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-            errors.append(f"dimensions.{k}: weight must be a number ≥ 0, got {v!r}")
-    if not errors and abs(sum(dims.values()) - 1.0) > 1e-6:
+    bad_weights = [k for k, v in dims.items() if not isinstance(v, int | float) or isinstance(v, bool) or v < 0]
+    errors += [f"dimensions.{k}: weight must be a number ≥ 0, got {dims[k]!r}" for k in bad_weights]
+    if not bad_weights and abs(sum(dims.values()) - 1.0) > 1e-6:
         errors.append(f"dimensions: weights must sum to 1.0, they sum to {sum(dims.values()):g}")
 
     principles: list[Principle] = []

@@ -38,7 +38,8 @@ def critique(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, 
             return await gather_progress(
                 [ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p), spec)
                  for r, p in zip(rows, principles, strict=True)],
-                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)))
+                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
+                judge, lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)))
         finally:
             await judge.close()
 

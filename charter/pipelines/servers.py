@@ -36,6 +36,14 @@ def served_name(model_ref: str) -> str:
     return Path(model_ref).name or model_ref
 
 
+def healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def wait_ready(base_url: str, proc: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -43,12 +51,8 @@ def wait_ready(base_url: str, proc: subprocess.Popen | None, timeout_s: float, l
             tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise CharterError(f"vLLM server for {base_url} exited with code {proc.returncode} while starting; "
                                f"log {log}:\n{tail}")
-        try:
-            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if healthy(base_url):
+            return
         time.sleep(1.0)
     raise CharterError(f"vLLM server at {base_url} was not ready within {timeout_s:.0f} s; see {log}")
 
@@ -79,9 +83,10 @@ class VLLMServerPool:
         with self._lock:
             if model_path in self._servers:
                 proc, url = self._servers[model_path]
-                if proc.poll() is None:
+                if proc.poll() is None and healthy(url):
                     return url
-                del self._servers[model_path]  # it died: start a fresh one
+                _stop(proc)  # dead, or its engine died behind a live API process: start afresh
+                del self._servers[model_path]
             port = free_port()
             url = f"http://127.0.0.1:{port}/v1"
             log = self.settings.home / "logs" / f"vllm-{served_name(model_path)}-{port}.log"

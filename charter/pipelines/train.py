@@ -46,7 +46,7 @@ def _callback(report: Reporter) -> Any:
 
 
 def train(spec: TrainSpec, rows: list[dict], model_path: str, out_dir: Path, seed: int,
-          report: Reporter) -> dict[str, Any]:
+          report: Reporter, callbacks: list[Any] = ()) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +76,7 @@ def train(spec: TrainSpec, rows: list[dict], model_path: str, out_dir: Path, see
     else:
         from trl import DPOTrainer as Trainer
     trainer = Trainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok,
-                      peft_config=peft_config, callbacks=[_callback(report)])
+                      peft_config=peft_config, callbacks=[_callback(report), *callbacks])
     report.started("train", total=trainer.args.max_steps if trainer.args.max_steps > 0 else None,
                    method=spec.method, lora=bool(spec.lora), rows=len(rows))
     result = trainer.train()

@@ -1,0 +1,94 @@
+"""Each stage against a real vLLM server on the tiny model (random weights: the text is noise,
+but every request, parse and row is real)."""
+
+import io
+import json
+
+import pytest
+
+from charter import constitution, prompts
+from charter.errors import JudgeError
+from charter.pipelines.critique import critique
+from charter.pipelines.engine import Engine
+from charter.pipelines.events import PREFIX, Reporter
+from charter.pipelines.generate import generate
+from charter.pipelines.label import label
+from charter.pipelines.revise import revise
+from charter.spec import DataSpec, JudgeSpec
+
+pytestmark = pytest.mark.integration
+C = constitution.load("default")
+JUDGE = JudgeSpec(max_tokens=12, retries=1)
+
+
+def engine(url, **kw):
+    return Engine(url, None, max_concurrency=8, retries=1, **kw)
+
+
+def events(out):
+    return [json.loads(line[len(PREFIX):]) for line in out.getvalue().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def revised(tiny_server):
+    ps = prompts.load("builtin:red-team", limit=3)
+    data = DataSpec(samples_per_prompt=2, max_new_tokens=12)
+    out = io.StringIO()
+    rows, counts = generate(engine(tiny_server, name="policy"), ps, data, Reporter(out))
+    rows, _ = critique(engine(tiny_server), C, rows, JUDGE, 1, 0, Reporter(out))
+    rows, _ = revise(engine(tiny_server), C, rows, JUDGE, 1, Reporter(out))
+    rows, _ = critique(engine(tiny_server), C, rows, JUDGE, 2, 0, Reporter(out))
+    rows, rcounts = revise(engine(tiny_server), C, rows, JUDGE, 2, Reporter(out))
+    return ps, rows, counts, rcounts, events(out)
+
+
+def test_generate_critique_revise_rows(revised):
+    ps, rows, counts, rcounts, evs = revised
+    assert len(rows) == 6 and counts["samples"] == 6 and counts["completion_tokens"] > 0
+    assert {(r["prompt_index"], r["sample"]) for r in rows} == {(i, k) for i in range(3) for k in range(2)}
+    assert all(r["prompt"] == ps[r["prompt_index"]] for r in rows)
+    ids = {p.id for p in C.principles}
+    for r in rows:
+        assert len(r["principles"]) == len(r["critiques"]) == len(r["revisions"]) == 2  # two rounds
+        assert set(r["principles"]) <= ids
+    assert rcounts["round"] == 2
+    stages = [(e["data"]["stage"], e["data"]["state"]) for e in evs if e["type"] == "stage"]
+    for s in ("generate", "critique", "revise"):
+        assert (s, "started") in stages
+    assert any(e["data"].get("tokens_per_s") for e in evs if e["type"] == "stage")
+
+
+def test_ai_labels_score_both_orders(revised, tiny_server):
+    _, rows, *_ = revised
+    pairs, counts = label(engine(tiny_server), C, rows, DataSpec(labels="ai"), JUDGE, Reporter(io.StringIO()))
+    assert counts["candidates"] == 3 and counts["unparsed"] == 0
+    assert len(pairs) == 3
+    for p in pairs:
+        assert set(p) >= {"prompt", "chosen", "rejected", "confidence", "p_orders", "orders_agree"}
+        assert p["chosen"][0]["role"] == "assistant" and p["chosen"] != p["rejected"]
+        assert 0.5 <= p["p_chosen"] <= 1.0 and all(0.0 < q < 1.0 for q in p["p_orders"])
+    assert 0.0 <= counts["position_agreement"] <= 1.0
+    dropped, dcounts = label(engine(tiny_server), C, rows, DataSpec(labels="ai", disagreement="drop"), JUDGE,
+                             Reporter(io.StringIO()))
+    assert len(dropped) == 3 - dcounts["orders_disagreed"]
+    assert all(p["orders_agree"] for p in dropped)
+
+
+def test_revision_labels(revised):
+    _, rows, *_ = revised
+    pairs, counts = label(None, C, rows, DataSpec(labels="revision"), JUDGE, Reporter(io.StringIO()))
+    assert counts["pairs"] + counts["dropped_unchanged"] == 6
+    for p in pairs:
+        src = next(r for r in rows if r["id"] == p["source_id"])
+        assert p["chosen"][0]["content"] == src["revisions"][-1]
+        assert p["rejected"][0]["content"] == src["response"]
+
+
+def test_unreachable_judge_names_the_url():
+    import asyncio
+
+    dead = "http://127.0.0.1:9/v1"
+    e = Engine(dead, "m", retries=1, timeout_s=2)
+    with pytest.raises(JudgeError, match="127.0.0.1:9"):
+        asyncio.run(e.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0))
+    assert e.usage.retries == 2
