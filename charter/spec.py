@@ -26,13 +26,20 @@ class _Strict(BaseModel):
 
 
 class PolicySpec(_Strict):
-    model: str = Field(description="A prepared model name (see `charter models list`), an HF model id, or a local path.")
+    model: str = Field(
+        description="A prepared model name (see `charter models list`), an HF model id, or a local path."
+    )
 
 
 class JudgeSpec(_Strict):
     model: str | None = Field(None, description="The judge model; defaults to the policy's model.")
-    base_url: str | None = Field(None, description="An OpenAI-compatible vLLM server, e.g. http://host:8000/v1; several separated by commas. Absent: charter starts and owns a local vLLM server.")
-    served_model_name: str | None = Field(None, description="The model name the remote server expects; defaults to the one it lists first.")
+    base_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible vLLM server, e.g. http://host:8000/v1; several separated by commas. Absent: charter starts and owns a local vLLM server.",
+    )
+    served_model_name: str | None = Field(
+        None, description="The model name the remote server expects; defaults to the one it lists first."
+    )
     max_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight to the judge at once.")
     max_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a critique or a revision.")
     temperature: float = Field(0.7, ge=0.0, le=2.0)
@@ -41,16 +48,24 @@ class JudgeSpec(_Strict):
 
 
 class PromptsSpec(_Strict):
-    source: str = Field(description="builtin:red-team, builtin:red-team-heldout, builtin:helpful, builtin:helpful-heldout, or a JSONL path with a `prompt` column.")
+    source: str = Field(
+        description="builtin:red-team, builtin:red-team-heldout, builtin:helpful, builtin:helpful-heldout, or a JSONL path with a `prompt` column."
+    )
     limit: int | None = Field(None, ge=1, description="Use the first N prompts.")
 
 
 class DataSpec(_Strict):
     samples_per_prompt: int = Field(2, ge=1, le=16, description="Policy samples per prompt.")
     revision_rounds: int = Field(1, ge=1, le=8, description="Critique→revise rounds, a freshly sampled principle each.")
-    labels: Literal["ai", "revision"] = Field("ai", description="ai: the judge compares two samples (RL-CAI); revision: revision ≻ original (SL-CAI).")
-    disagreement: Literal["keep", "drop"] = Field("keep", description="Pairs whose two judge orders disagree: keep them with low confidence, or drop them.")
-    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="Drop AI-labelled pairs below this confidence (|2p-1|).")
+    labels: Literal["ai", "revision"] = Field(
+        "ai", description="ai: the judge compares two samples (RL-CAI); revision: revision ≻ original (SL-CAI)."
+    )
+    disagreement: Literal["keep", "drop"] = Field(
+        "keep", description="Pairs whose two judge orders disagree: keep them with low confidence, or drop them."
+    )
+    min_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="Drop AI-labelled pairs below this confidence (|2p-1|)."
+    )
     max_new_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a policy sample.")
     temperature: float = Field(0.9, ge=0.0, le=2.0, description="Policy sampling temperature.")
     seed: int = 0
@@ -58,7 +73,9 @@ class DataSpec(_Strict):
     @model_validator(mode="after")
     def _ai_needs_two(self) -> DataSpec:
         if self.labels == "ai" and self.samples_per_prompt < 2:
-            raise ValueError("labels: ai compares two samples of each prompt; set samples_per_prompt: 2 or more, or use labels: revision")
+            raise ValueError(
+                "labels: ai compares two samples of each prompt; set samples_per_prompt: 2 or more, or use labels: revision"
+            )
         return self
 
 
@@ -66,13 +83,18 @@ class LoraSpec(_Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field("all-linear", description="peft target_modules: a list of module names or 'all-linear'.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="peft target_modules: a list of module names or 'all-linear'."
+    )
 
 
 class TrainSpec(_Strict):
     method: Literal["sft", "dpo"] = Field(description="sft trains on the final revisions; dpo on the preference pairs.")
     lora: LoraSpec | None = Field(None, description="LoRA settings; absent means full fine-tuning.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keys of TRL's SFTConfig / DPOConfig, checked by TRL's own parser at submit time.")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of TRL's SFTConfig / DPOConfig, checked by TRL's own parser at submit time.",
+    )
 
 
 class EvaluateSpec(_Strict):

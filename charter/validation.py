@@ -32,7 +32,11 @@ class _TrlValidator:
     def _start(self) -> subprocess.Popen:
         proc = subprocess.Popen(
             [sys.executable, "-m", "charter.pipelines.trl_args", "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
         )
         ready = proc.stdout.readline()
         if not ready:
@@ -113,14 +117,21 @@ def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:
     if spec.judge.base_url is None:
         collect(["judge", "model"], models.resolve, spec.judge_model, settings)
     elif not all(u.strip().startswith(("http://", "https://")) for u in spec.judge.base_url.split(",")):
-        errors.append({"loc": ["judge", "base_url"], "msg": "each base_url must start with http:// or https://, e.g. http://host:8000/v1"})
+        errors.append(
+            {
+                "loc": ["judge", "base_url"],
+                "msg": "each base_url must start with http:// or https://, e.g. http://host:8000/v1",
+            }
+        )
     try:
         constitution.load(spec.constitution)
     except ConstitutionError as e:
         errors += [{"loc": ["constitution"], "msg": m} for m in e.errors]
     collect(["prompts", "source"], prompts.load, spec.prompts.source, spec.prompts.limit, ("prompts", "source"))
     if spec.evaluate:
-        collect(["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts"))
+        collect(
+            ["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts")
+        )
     if not errors:  # the validator is the slow check: only ask it about an otherwise good spec
         errors += _validator.check(spec.train.method, spec.train.args)
     if errors:

@@ -29,22 +29,47 @@ def test_errors_are_reported_by_field_all_at_once():
         "dimensions": {"helpfulness": 0.5, "harmlessness": 0.6},
         "principles": [
             {"id": "a", "dimension": "harmlessness", "critique": "c", "revision": "r", "comparison": "Pick one"},
-            {"id": "a", "dimension": "nope", "critique": "", "revision": "r", "comparison": "Choose the response that x",
-             "colour": "red"},
+            {
+                "id": "a",
+                "dimension": "nope",
+                "critique": "",
+                "revision": "r",
+                "comparison": "Choose the response that x",
+                "colour": "red",
+            },
         ],
         "extra": 1,
     }
     with pytest.raises(ConstitutionError) as e:
         constitution.load(bad)
     msgs = "\n".join(e.value.errors)
-    for expected in ("extra: unknown key", "sum to 1.1", "principles[0].comparison", "principles[1].dimension",
-                     "principles[1].critique", "principles[1].colour", "principles[1].id: duplicate"):
+    for expected in (
+        "extra: unknown key",
+        "sum to 1.1",
+        "principles[0].comparison",
+        "principles[1].dimension",
+        "principles[1].critique",
+        "principles[1].colour",
+        "principles[1].id: duplicate",
+    ):
         assert expected in msgs
 
 
 def test_inline_mapping_and_missing_file():
-    c = constitution.load({"name": "mine", "principles": [
-        {"id": "x", "dimension": "honesty", "critique": "c", "revision": "r", "comparison": "Choose the response that is true"}]})
+    c = constitution.load(
+        {
+            "name": "mine",
+            "principles": [
+                {
+                    "id": "x",
+                    "dimension": "honesty",
+                    "critique": "c",
+                    "revision": "r",
+                    "comparison": "Choose the response that is true",
+                }
+            ],
+        }
+    )
     assert c.name == "mine" and c.principles[0].id == "x"
     with pytest.raises(ConstitutionError, match="neither a shipped name"):
         constitution.load("no-such-constitution")
@@ -52,6 +77,8 @@ def test_inline_mapping_and_missing_file():
 
 def test_hash_changes_with_content():
     a = constitution.load("default")
-    b = constitution.parse({**a.to_dict(), "principles": [p.__dict__ for p in a.principles[:3]],
-                            "few_shot": [], "name": "default"}, "default")
+    b = constitution.parse(
+        {**a.to_dict(), "principles": [p.__dict__ for p in a.principles[:3]], "few_shot": [], "name": "default"},
+        "default",
+    )
     assert a.sha256 != b.sha256

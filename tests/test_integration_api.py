@@ -24,8 +24,11 @@ TINY_JOB = {
     "constitution": "default",
     "prompts": {"source": "builtin:red-team", "limit": 4},
     "data": {"samples_per_prompt": 2, "revision_rounds": 1, "labels": "ai", "max_new_tokens": 16},
-    "train": {"method": "dpo", "lora": {"r": 4, "alpha": 8},
-              "args": {"beta": 0.1, "learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 2}},
+    "train": {
+        "method": "dpo",
+        "lora": {"r": 4, "alpha": 8},
+        "args": {"beta": 0.1, "learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 2},
+    },
     "evaluate": {"prompts": "builtin:red-team-heldout", "limit": 4, "max_new_tokens": 16},
 }
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -34,8 +37,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def serve(home: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "CHARTER_HOME": str(home), "CHARTER_VLLM_KVCACHE_GIB": "1", "CHARTER_HEARTBEAT_SECONDS": "2"}
     log = open(home / "serve.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "charter.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charter.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -25,19 +25,28 @@ def test_limit_and_unknown_builtin():
 
 def test_jsonl_file_with_text_and_messages(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"prompt": "hi"}) + "\n\n" + json.dumps(
-        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "hi"})
+        + "\n\n"
+        + json.dumps({"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]})
+        + "\n"
+    )
     out = prompts.load(str(f))
-    assert out == [[{"role": "user", "content": "hi"}],
-                   [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+    assert out == [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}],
+    ]
 
 
-@pytest.mark.parametrize("line, msg", [
-    ("{not json", ":1: not valid JSON"),
-    ('{"text": "hi"}', "'prompt' field"),
-    ('{"prompt": ""}', "non-empty text"),
-    ('{"prompt": [{"role": "assistant", "content": "x"}]}', "ending with a user turn"),
-])
+@pytest.mark.parametrize(
+    "line, msg",
+    [
+        ("{not json", ":1: not valid JSON"),
+        ('{"text": "hi"}', "'prompt' field"),
+        ('{"prompt": ""}', "non-empty text"),
+        ('{"prompt": [{"role": "assistant", "content": "x"}]}', "ending with a user turn"),
+    ],
+)
 def test_bad_jsonl_names_the_line(tmp_path, line, msg):
     f = tmp_path / "p.jsonl"
     f.write_text(line + "\n")

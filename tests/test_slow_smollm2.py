@@ -17,11 +17,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def test_smollm2_job_through_rest(smollm2_model, tmp_path):
     spec = copy.deepcopy(TINY_JOB)
-    spec.update(name="smollm2-sft", policy={"model": "smollm2-135m"},
-                judge={"model": "smollm2-135m", "max_tokens": 48, "max_concurrency": 16})
+    spec.update(
+        name="smollm2-sft",
+        policy={"model": "smollm2-135m"},
+        judge={"model": "smollm2-135m", "max_tokens": 48, "max_concurrency": 16},
+    )
     spec["data"].update(max_new_tokens=48, labels="revision")
-    spec["train"] = {"method": "sft", "lora": {"r": 8, "alpha": 16},
-                     "args": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-4}}
+    spec["train"] = {
+        "method": "sft",
+        "lora": {"r": 8, "alpha": 16},
+        "args": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-4},
+    }
     spec["evaluate"]["max_new_tokens"] = 48
     port = free_port()
     proc = serve(tmp_path, port)

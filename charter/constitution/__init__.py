@@ -121,7 +121,9 @@ def parse(data: dict[str, Any], name: str) -> Constitution:
             errors.append(f"{where}.id: duplicate id {p['id']!r}")
         seen.add(p.get("id"))
         if not any(e.startswith(where) for e in errors):
-            principles.append(Principle(**{k: p[k].strip() for k in ("id", "dimension", "critique", "revision", "comparison")}))
+            principles.append(
+                Principle(**{k: p[k].strip() for k in ("id", "dimension", "critique", "revision", "comparison")})
+            )
 
     few_shot: list[Example] = []
     for i, ex in enumerate(data.get("few_shot") or []):

@@ -63,14 +63,24 @@ class Workdir:
     def manifest(self, stage: str) -> dict[str, Any]:
         return json.loads((self.root / stage / "manifest.json").read_text())
 
-    def finish(self, stage: str, kind: str, rows: list[Row] | None = None, parents: list[str] = (),
-               counts: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        stage: str,
+        kind: str,
+        rows: list[Row] | None = None,
+        parents: list[str] = (),
+        counts: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Write the stage's rows (if any), then its manifest: the stage is complete only after this."""
         d = self.stage_dir(stage)
         if rows is not None:
             write_jsonl(d / "rows.jsonl", rows)
-        files = {str(p.relative_to(d)): sha256(p) for p in sorted(d.rglob("*"))
-                 if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")}
+        files = {
+            str(p.relative_to(d)): sha256(p)
+            for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+        }
         manifest = {
             "kind": kind,
             "stage": stage,

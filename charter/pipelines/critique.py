@@ -27,8 +27,9 @@ async def ask_text(engine: Engine, messages: list[dict], spec: JudgeSpec) -> str
     return None
 
 
-def critique(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, round: int, seed: int,
-             report: Reporter) -> tuple[list[dict], dict]:
+def critique(
+    judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, round: int, seed: int, report: Reporter
+) -> tuple[list[dict], dict]:
     """Adds principle and critique to each row (round r: `critiques[r-1]`)."""
     rng = random.Random(f"{seed}-critique-{round}")
     principles = [rng.choice(c.principles) for _ in rows]
@@ -36,10 +37,14 @@ def critique(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, 
     async def run() -> list[str | None]:
         try:
             return await gather_progress(
-                [ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p), spec)
-                 for r, p in zip(rows, principles, strict=True)],
+                [
+                    ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p), spec)
+                    for r, p in zip(rows, principles, strict=True)
+                ],
                 lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
-                judge, lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)))
+                judge,
+                lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)),
+            )
         finally:
             await judge.close()
 
@@ -51,8 +56,13 @@ def critique(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, 
         r.setdefault("principles", []).append(p.id)
         r.setdefault("critiques", []).append(text)
         new_rows.append(r)
-    counts = {"rows": len(rows), "unparsed": sum(t is None for t in out), "round": round,
-              "completion_tokens": judge.usage.completion_tokens, "tokens_per_s": round_(judge.usage.tokens_per_s)}
+    counts = {
+        "rows": len(rows),
+        "unparsed": sum(t is None for t in out),
+        "round": round,
+        "completion_tokens": judge.usage.completion_tokens,
+        "tokens_per_s": round_(judge.usage.tokens_per_s),
+    }
     return new_rows, counts
 
 

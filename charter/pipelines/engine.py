@@ -35,8 +35,17 @@ class Usage:
 
 
 class Engine:
-    def __init__(self, base_urls: str | Sequence[str], model: str | None = None, *, name: str = "judge",
-                 max_concurrency: int = 32, timeout_s: float = 300.0, retries: int = 3, api_key: str = "EMPTY"):
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        model: str | None = None,
+        *,
+        name: str = "judge",
+        max_concurrency: int = 32,
+        timeout_s: float = 300.0,
+        retries: int = 3,
+        api_key: str = "EMPTY",
+    ):
         from openai import AsyncOpenAI
 
         urls = [u.strip() for u in base_urls.split(",")] if isinstance(base_urls, str) else list(base_urls)
@@ -68,24 +77,31 @@ class Engine:
             try:
                 async with self._sem:
                     return await fn(self._clients[i])
-            except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
-                     openai.RateLimitError) as e:
+            except (
+                openai.APIConnectionError,
+                openai.APITimeoutError,
+                openai.InternalServerError,
+                openai.RateLimitError,
+            ) as e:
                 last = e
                 self.usage.retries += 1
                 if attempt < self.retries:
                     await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
             except openai.APIStatusError as e:  # 4xx: our request is wrong; retrying won't help
                 raise JudgeError(f"{self.name} at {self.urls[i]} refused a request: {e.status_code} {e.message}") from e
-        raise JudgeError(f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: "
-                         f"{type(last).__name__}: {last}") from last
+        raise JudgeError(
+            f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: {type(last).__name__}: {last}"
+        ) from last
 
-    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float, n: int = 1,
-                   seed: int | None = None) -> list[str | None]:
+    async def chat(
+        self, messages: Messages, *, max_tokens: int, temperature: float, n: int = 1, seed: int | None = None
+    ) -> list[str | None]:
         model = await self.model()
 
         async def go(c: Any) -> Any:
-            return await c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                   temperature=temperature, n=n, seed=seed)
+            return await c.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed
+            )
 
         r = await self._call(go)
         self.usage.requests += 1
@@ -100,8 +116,12 @@ class Engine:
 
         async def go(c: Any) -> Any:
             return await c.chat.completions.create(
-                model=model, messages=messages, max_tokens=1, temperature=0.0,
-                extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0})
+                model=model,
+                messages=messages,
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0},
+            )
 
         r = await self._call(go)
         self.usage.requests += 1
@@ -131,9 +151,13 @@ def server_tokens(base_urls: Sequence[str]) -> float | None:
     return total if seen else None
 
 
-async def gather_progress(coros: Sequence[Awaitable[T]], on_done: Callable[[int], None],
-                          engine: Engine | None = None, on_tick: Callable[[int, float], None] | None = None,
-                          tick_s: float = 3.0) -> list[T]:
+async def gather_progress(
+    coros: Sequence[Awaitable[T]],
+    on_done: Callable[[int], None],
+    engine: Engine | None = None,
+    on_tick: Callable[[int, float], None] | None = None,
+    tick_s: float = 3.0,
+) -> list[T]:
     """Like asyncio.gather (order kept), calling on_done(n_done) as each finishes.
 
     A batch's requests tend to finish together, so with `engine` and `on_tick` it also reports

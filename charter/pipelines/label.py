@@ -32,19 +32,23 @@ class Verdict:
 async def _p_a(judge: Engine, msgs: Messages, retries: int) -> float | None:
     """P(A) over {A, B}: the judge's logprob of each letter as its first answer token."""
     for _ in range(retries + 1):
-        lps = await asyncio.gather(*(judge.prompt_logprobs(msgs + [{"role": "assistant", "content": x}])
-                                     for x in ("A", "B")))
+        lps = await asyncio.gather(
+            *(judge.prompt_logprobs(msgs + [{"role": "assistant", "content": x}]) for x in ("A", "B"))
+        )
         a, b = J.parse_letter_logprob(lps[0], "A"), J.parse_letter_logprob(lps[1], "B")
         if a is not None and b is not None:
             return J.preference(a, b)
     return None
 
 
-async def compare(judge: Engine, c: Constitution, prompt: Messages, x: str, y: str, request: str,
-                  retries: int) -> Verdict | None:
+async def compare(
+    judge: Engine, c: Constitution, prompt: Messages, x: str, y: str, request: str, retries: int
+) -> Verdict | None:
     """Is x better than y? Both orders; None if the judge's answer never parsed."""
-    p1, p2 = await asyncio.gather(_p_a(judge, J.comparison_messages(c, prompt, x, y, request), retries),
-                                  _p_a(judge, J.comparison_messages(c, prompt, y, x, request), retries))
+    p1, p2 = await asyncio.gather(
+        _p_a(judge, J.comparison_messages(c, prompt, x, y, request), retries),
+        _p_a(judge, J.comparison_messages(c, prompt, y, x, request), retries),
+    )
     if p1 is None or p2 is None:
         return None
     p, agree = J.combine_orders(p1, p2)
@@ -52,12 +56,17 @@ async def compare(judge: Engine, c: Constitution, prompt: Messages, x: str, y: s
 
 
 def _row(prompt: Messages, chosen: str, rejected: str, **extra: object) -> dict:
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        **extra,
+    }
 
 
-def label(judge: Engine | None, c: Constitution, rows: list[dict], data: DataSpec, spec: JudgeSpec,
-          report: Reporter) -> tuple[list[dict], dict]:
+def label(
+    judge: Engine | None, c: Constitution, rows: list[dict], data: DataSpec, spec: JudgeSpec, report: Reporter
+) -> tuple[list[dict], dict]:
     if data.labels == "revision":
         return _label_revisions(rows, report)
     return _label_ai(judge, c, rows, data, spec, report)
@@ -71,14 +80,16 @@ def _label_revisions(rows: list[dict], report: Reporter) -> tuple[list[dict], di
         if not r["response"] or final.strip() == r["response"].strip():
             same += 1  # nothing to prefer: the revision failed or changed nothing
             continue
-        pairs.append(_row(r["prompt"], final, r["response"], source_id=r["id"], confidence=1.0,
-                          principle=r["principles"][-1]))
+        pairs.append(
+            _row(r["prompt"], final, r["response"], source_id=r["id"], confidence=1.0, principle=r["principles"][-1])
+        )
     report.progress(len(rows), len(rows), force=True)
     return pairs, {"candidates": len(rows), "pairs": len(pairs), "dropped_unchanged": same}
 
 
-def _label_ai(judge: Engine, c: Constitution, rows: list[dict], data: DataSpec, spec: JudgeSpec,
-              report: Reporter) -> tuple[list[dict], dict]:
+def _label_ai(
+    judge: Engine, c: Constitution, rows: list[dict], data: DataSpec, spec: JudgeSpec, report: Reporter
+) -> tuple[list[dict], dict]:
     by_prompt: dict[int, list[dict]] = {}
     for r in rows:
         if r["response"]:
@@ -91,9 +102,12 @@ def _label_ai(judge: Engine, c: Constitution, rows: list[dict], data: DataSpec, 
     async def run() -> list[Verdict | None]:
         try:
             return await gather_progress(
-                [compare(judge, c, x["prompt"], x["response"], y["response"], p.comparison, spec.retries)
-                 for (x, y), p in zip(candidates, principles, strict=True)],
-                lambda n: report.progress(n, len(candidates)))
+                [
+                    compare(judge, c, x["prompt"], x["response"], y["response"], p.comparison, spec.retries)
+                    for (x, y), p in zip(candidates, principles, strict=True)
+                ],
+                lambda n: report.progress(n, len(candidates)),
+            )
         finally:
             await judge.close()
 
@@ -112,13 +126,27 @@ def _label_ai(judge: Engine, c: Constitution, rows: list[dict], data: DataSpec, 
             low += 1
             continue
         chosen, rejected = (x, y) if v.p_first >= 0.5 else (y, x)
-        pairs.append(_row(x["prompt"], chosen["response"], rejected["response"], confidence=round(confidence, 4),
-                          p_chosen=round(max(v.p_first, 1 - v.p_first), 4), orders_agree=v.agree,
-                          p_orders=[round(q, 4) for q in v.p_orders], principle=p.id,
-                          source_ids=[chosen["id"], rejected["id"]]))
+        pairs.append(
+            _row(
+                x["prompt"],
+                chosen["response"],
+                rejected["response"],
+                confidence=round(confidence, 4),
+                p_chosen=round(max(v.p_first, 1 - v.p_first), 4),
+                orders_agree=v.agree,
+                p_orders=[round(q, 4) for q in v.p_orders],
+                principle=p.id,
+                source_ids=[chosen["id"], rejected["id"]],
+            )
+        )
     judged = len(candidates) - unparsed
-    counts = {"candidates": len(candidates), "pairs": len(pairs), "unparsed": unparsed,
-              "orders_disagreed": disagreed, "dropped_low_confidence": low,
-              "dropped_disagreement": disagreed if data.disagreement == "drop" else 0,
-              "position_agreement": round((judged - disagreed) / judged, 4) if judged else None}
+    counts = {
+        "candidates": len(candidates),
+        "pairs": len(pairs),
+        "unparsed": unparsed,
+        "orders_disagreed": disagreed,
+        "dropped_low_confidence": low,
+        "dropped_disagreement": disagreed if data.disagreement == "drop" else 0,
+        "position_agreement": round((judged - disagreed) / judged, 4) if judged else None,
+    }
     return pairs, counts

@@ -12,8 +12,9 @@ from charter.pipelines.events import Reporter
 from charter.spec import JudgeSpec
 
 
-def revise(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, round: int,
-           report: Reporter) -> tuple[list[dict], dict]:
+def revise(
+    judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, round: int, report: Reporter
+) -> tuple[list[dict], dict]:
     """Appends this round's revision to `revisions`; a row whose critique failed keeps its text."""
     by_id = {p.id: p for p in c.principles}
 
@@ -29,7 +30,9 @@ def revise(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, ro
             return await gather_progress(
                 [one(r) for r in rows],
                 lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
-                judge, lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)))
+                judge,
+                lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)),
+            )
         finally:
             await judge.close()
 
@@ -41,6 +44,11 @@ def revise(judge: Engine, c: Constitution, rows: list[dict], spec: JudgeSpec, ro
         failed += text is None
         r.setdefault("revisions", []).append(text if text is not None else current(r))
         new_rows.append(r)
-    counts = {"rows": len(rows), "unparsed": failed, "round": round,
-              "completion_tokens": judge.usage.completion_tokens, "tokens_per_s": round_(judge.usage.tokens_per_s)}
+    counts = {
+        "rows": len(rows),
+        "unparsed": failed,
+        "round": round,
+        "completion_tokens": judge.usage.completion_tokens,
+        "tokens_per_s": round_(judge.usage.tokens_per_s),
+    }
     return new_rows, counts

@@ -40,13 +40,25 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     judge_model = spec.judge.served_model_name
 
     def judge() -> Engine:  # a fresh client per stage: each stage runs its own event loop
-        return Engine(judge_url, judge_model, name="judge", max_concurrency=spec.judge.max_concurrency,
-                      timeout_s=spec.judge.timeout_s, retries=spec.judge.retries)
+        return Engine(
+            judge_url,
+            judge_model,
+            name="judge",
+            max_concurrency=spec.judge.max_concurrency,
+            timeout_s=spec.judge.timeout_s,
+            retries=spec.judge.retries,
+        )
 
-    wd = Workdir(workdir, workdir.name, {
-        "spec": spec.model_dump(mode="json"), "constitution": {"name": c.name, "sha256": c.sha256},
-        "judge": {"url": judge_url, "model": spec.judge_model, "engine": _engine_version(judge_url)},
-        "policy": {"model": spec.policy.model, "path": policy_path}})
+    wd = Workdir(
+        workdir,
+        workdir.name,
+        {
+            "spec": spec.model_dump(mode="json"),
+            "constitution": {"name": c.name, "sha256": c.sha256},
+            "judge": {"url": judge_url, "model": spec.judge_model, "engine": _engine_version(judge_url)},
+            "policy": {"model": spec.policy.model, "path": policy_path},
+        },
+    )
 
     def stage(name: str, kind: str, fn: Any, parents: list[str] = ()) -> list[dict]:
         if wd.done(name):
@@ -59,34 +71,57 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
 
     # generate → critique → revise × N
     ps = prompts.load(spec.prompts.source, spec.prompts.limit)
-    policy = lambda: Engine(policy_url, None, name="policy", max_concurrency=spec.judge.max_concurrency,  # noqa: E731
-                            timeout_s=spec.judge.timeout_s, retries=spec.judge.retries)
+
+    def policy() -> Engine:
+        return Engine(
+            policy_url,
+            None,
+            name="policy",
+            max_concurrency=spec.judge.max_concurrency,
+            timeout_s=spec.judge.timeout_s,
+            retries=spec.judge.retries,
+        )
+
     rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
     parent = "generate"
     for r in range(1, spec.data.revision_rounds + 1):
-        rows = stage(f"critique.r{r}", "critiques",
-                     lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report), [parent])
-        rows = stage(f"revise.r{r}", "revisions", lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
-                     [f"critique.r{r}"])
+        rows = stage(
+            f"critique.r{r}",
+            "critiques",
+            lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
+            [parent],
+        )
+        rows = stage(
+            f"revise.r{r}",
+            "revisions",
+            lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
+            [f"critique.r{r}"],
+        )
         parent = f"revise.r{r}"
     revised = rows
 
     # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
     pairs = stage("label", "preferences", lambda: label(judge(), c, revised, spec.data, spec.judge, report), [parent])
-    sft_rows = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
-                for r in revised if r["revisions"][-1]]
+    sft_rows = [
+        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
+        for r in revised
+        if r["revisions"][-1]
+    ]
     dataset_dir = _export_dataset(wd, pairs, sft_rows, parent)
     label_counts = wd.manifest("label")["counts"]
 
     # train
     train_rows = sft_rows if spec.train.method == "sft" else pairs
     if not train_rows:
-        raise RuntimeError(f"no {'SFT rows' if spec.train.method == 'sft' else 'preference pairs'} to train on: "
-                           f"label stage counts {label_counts}; raise prompts.limit or use disagreement: keep")
+        raise RuntimeError(
+            f"no {'SFT rows' if spec.train.method == 'sft' else 'preference pairs'} to train on: "
+            f"label stage counts {label_counts}; raise prompts.limit or use disagreement: keep"
+        )
     if not wd.done("train"):
         info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report)
-        wd.finish("train", info["kind"], None, ["dataset"], {"steps": info["steps"], "rows": info["rows"]},
-                  {"result": info})
+        wd.finish(
+            "train", info["kind"], None, ["dataset"], {"steps": info["steps"], "rows": info["rows"]}, {"result": info}
+        )
         report.done("train", **{k: v for k, v in info.items() if k in ("steps", "train_loss", "final_loss")})
     else:
         report.skipped("train")
@@ -94,15 +129,29 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
 
     # evaluate
     report_json: dict[str, Any] = {
-        "job": spec.name, "method": spec.train.method, "pairs": label_counts.get("pairs"),
-        "position_agreement": label_counts.get("position_agreement"), "label_counts": label_counts,
-        "sft_rows": len(sft_rows), "train": {k: trained.get(k) for k in ("steps", "train_loss", "first_loss", "final_loss")},
+        "job": spec.name,
+        "method": spec.train.method,
+        "pairs": label_counts.get("pairs"),
+        "position_agreement": label_counts.get("position_agreement"),
+        "label_counts": label_counts,
+        "sft_rows": len(sft_rows),
+        "train": {k: trained.get(k) for k in ("steps", "train_loss", "first_loss", "final_loss")},
     }
     if spec.evaluate:
         ev_prompts = prompts.load(spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts"))
         if not wd.done("evaluate"):
-            ev_rows, summary = evaluate(judge(), c, ev_prompts, policy_path, trained, spec.evaluate, spec.judge,
-                                        spec.data.seed, wd.stage_dir("evaluate"), report)
+            ev_rows, summary = evaluate(
+                judge(),
+                c,
+                ev_prompts,
+                policy_path,
+                trained,
+                spec.evaluate,
+                spec.judge,
+                spec.data.seed,
+                wd.stage_dir("evaluate"),
+                report,
+            )
             wd.finish("evaluate", "evaluation", ev_rows, ["train"], summary)
             report.done("evaluate", **{k: summary[k] for k in ("win_rate", "ties", "dropped")})
         else:
@@ -111,9 +160,11 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     write_atomic(workdir / "report.json", json.dumps(report_json, indent=2))
 
     artifacts = {
-        "dataset": str(dataset_dir), "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
+        "dataset": str(dataset_dir),
+        "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
         "sft_jsonl": str(dataset_dir / "sft.jsonl"),
-        trained["kind"]: trained["path"], "plot": str(workdir / "train" / "curve.png"),
+        trained["kind"]: trained["path"],
+        "plot": str(workdir / "train" / "curve.png"),
         "report": str(workdir / "report.json"),
     }
     for name, path in artifacts.items():
@@ -150,8 +201,10 @@ def _engine_version(url: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m charter.pipelines.run",
-                                 description="Run one charter job in this process (the worker starts this).")
+    ap = argparse.ArgumentParser(
+        prog="python -m charter.pipelines.run",
+        description="Run one charter job in this process (the worker starts this).",
+    )
     ap.add_argument("--spec", required=True, type=Path, help="the job spec, JSON")
     ap.add_argument("--workdir", required=True, type=Path, help="the job's artifact folder")
     ns = ap.parse_args(argv)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from charter import models
@@ -49,24 +50,44 @@ def wait_ready(base_url: str, proc: subprocess.Popen | None, timeout_s: float, l
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise CharterError(f"vLLM server for {base_url} exited with code {proc.returncode} while starting; "
-                               f"log {log}:\n{tail}")
+            raise CharterError(
+                f"vLLM server for {base_url} exited with code {proc.returncode} while starting; log {log}:\n{tail}"
+            )
         if healthy(base_url):
             return
         time.sleep(1.0)
     raise CharterError(f"vLLM server at {base_url} was not ready within {timeout_s:.0f} s; see {log}")
 
 
-def start_server(model_path: str, port: int, log: Path, kvcache_gib: float, max_model_len: int = 2048,
-                 ) -> subprocess.Popen:
+def start_server(
+    model_path: str,
+    port: int,
+    log: Path,
+    kvcache_gib: float,
+    max_model_len: int = 2048,
+) -> subprocess.Popen:
     env = dict(os.environ)
     # Whole GiB only (vLLM reads an int). All cores: the job process trains while the server idles.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kvcache_gib))))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-           "--served-model-name", served_name(model_path), "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_model_len), "--dtype", os.environ.get("CHARTER_VLLM_DTYPE", "auto"),
-           "--disable-uvicorn-access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_path,
+        "--served-model-name",
+        served_name(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        os.environ.get("CHARTER_VLLM_DTYPE", "auto"),
+        "--disable-uvicorn-access-log",
+    ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -78,8 +99,9 @@ class VLLMServerPool:
         self._servers: dict[str, tuple[subprocess.Popen, str]] = {}
         self._lock = threading.Lock()
 
-    def ensure(self, model_path: str) -> str:
+    def ensure(self, model_path: str, notify: Callable[[str], None] | None = None) -> str:
         """The base URL of a ready server for `model_path`, starting one if needed."""
+        notify = notify or (lambda _: None)
         with self._lock:
             if model_path in self._servers:
                 proc, url = self._servers[model_path]
@@ -90,12 +112,18 @@ class VLLMServerPool:
             port = free_port()
             url = f"http://127.0.0.1:{port}/v1"
             log = self.settings.home / "logs" / f"vllm-{served_name(model_path)}-{port}.log"
+            notify(
+                f"starting a local vLLM server for {served_name(model_path)} at {url} "
+                f"(a minute or more on a CPU; later jobs reuse it); log: {log}"
+            )
+            t0 = time.monotonic()
             proc = start_server(model_path, port, log, self.settings.vllm_kvcache_gib)
             try:
                 wait_ready(url, proc, START_TIMEOUT_S, log)
             except Exception:
                 _stop(proc)
                 raise
+            notify(f"vLLM server for {served_name(model_path)} ready after {time.monotonic() - t0:.0f} s")
             self._servers[model_path] = (proc, url)
             return url
 
@@ -119,16 +147,20 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def job_endpoints(spec: JobSpec, pool: VLLMServerPool) -> dict[str, str]:
+def job_endpoints(
+    spec: JobSpec,
+    pool: VLLMServerPool,
+    notify: Callable[[str], None] | None = None,
+) -> dict[str, str]:
     """Environment for a job process: where its judge and its policy are served."""
     env = {}
     if spec.judge.base_url:
         env["CHARTER_JUDGE_URL"] = spec.judge.base_url
     else:
-        env["CHARTER_JUDGE_URL"] = pool.ensure(models.ensure(spec.judge_model, pool.settings))
+        env["CHARTER_JUDGE_URL"] = pool.ensure(models.ensure(spec.judge_model, pool.settings), notify)
     policy_path = models.ensure(spec.policy.model, pool.settings)
     if not spec.judge.base_url and models.ensure(spec.judge_model, pool.settings) == policy_path:
         env["CHARTER_POLICY_URL"] = env["CHARTER_JUDGE_URL"]
     else:
-        env["CHARTER_POLICY_URL"] = pool.ensure(policy_path)
+        env["CHARTER_POLICY_URL"] = pool.ensure(policy_path, notify)
     return env

@@ -45,18 +45,31 @@ def _callback(report: Reporter) -> Any:
     return EventCallback()
 
 
-def train(spec: TrainSpec, rows: list[dict], model_path: str, out_dir: Path, seed: int,
-          report: Reporter, callbacks: list[Any] = ()) -> dict[str, Any]:
+def train(
+    spec: TrainSpec,
+    rows: list[dict],
+    model_path: str,
+    out_dir: Path,
+    seed: int,
+    report: Reporter,
+    callbacks: list[Any] = (),
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    defaults = {"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "seed": seed,
-                "per_device_train_batch_size": 8}
+    defaults = {
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": seed,
+        "per_device_train_batch_size": 8,
+    }
     forced = {"report_to": "none", **device_defaults(spec.args)}
     args = {**{k: v for k, v in defaults.items() if k not in spec.args}, **spec.args, **forced}
-    cfg = trl_args.build(spec.method, {k: v for k, v in args.items() if k != "output_dir"},
-                         str(out_dir / "checkpoints"), {})
+    cfg = trl_args.build(
+        spec.method, {k: v for k, v in args.items() if k != "output_dir"}, str(out_dir / "checkpoints"), {}
+    )
 
     columns = ["messages"] if spec.method == "sft" else ["prompt", "chosen", "rejected"]
     dataset = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
@@ -69,16 +82,32 @@ def train(spec: TrainSpec, rows: list[dict], model_path: str, out_dir: Path, see
     if spec.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                                 target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
     if spec.method == "sft":
         from trl import SFTTrainer as Trainer
     else:
         from trl import DPOTrainer as Trainer
-    trainer = Trainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok,
-                      peft_config=peft_config, callbacks=[_callback(report), *callbacks])
-    report.started("train", total=trainer.args.max_steps if trainer.args.max_steps > 0 else None,
-                   method=spec.method, lora=bool(spec.lora), rows=len(rows))
+    trainer = Trainer(
+        model=model,
+        args=cfg,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[_callback(report), *callbacks],
+    )
+    report.started(
+        "train",
+        total=trainer.args.max_steps if trainer.args.max_steps > 0 else None,
+        method=spec.method,
+        lora=bool(spec.lora),
+        rows=len(rows),
+    )
     result = trainer.train()
 
     final = out_dir / ("adapter" if spec.lora else "model")
@@ -86,16 +115,29 @@ def train(spec: TrainSpec, rows: list[dict], model_path: str, out_dir: Path, see
     tok.save_pretrained(final)
     history = trainer.state.log_history
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=2))
-    (final / "charter_train_config.json").write_text(json.dumps({
-        "method": spec.method, "base_model": model_path,
-        "lora": spec.lora.model_dump() if spec.lora else None,
-        "trl_config": json.loads(cfg.to_json_string()),
-    }, indent=2, default=str))
+    (final / "charter_train_config.json").write_text(
+        json.dumps(
+            {
+                "method": spec.method,
+                "base_model": model_path,
+                "lora": spec.lora.model_dump() if spec.lora else None,
+                "trl_config": json.loads(cfg.to_json_string()),
+            },
+            indent=2,
+            default=str,
+        )
+    )
     plot_curve(history, out_dir / "curve.png", spec.method)
     losses = [h["loss"] for h in history if "loss" in h]
-    return {"kind": "adapter" if spec.lora else "model", "path": str(final), "steps": trainer.state.global_step,
-            "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "rows": len(rows)}
+    return {
+        "kind": "adapter" if spec.lora else "model",
+        "path": str(final),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "rows": len(rows),
+    }
 
 
 def plot_curve(history: list[dict], path: Path, method: str) -> None:

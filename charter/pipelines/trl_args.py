@@ -87,7 +87,9 @@ def check(method: str, args: dict[str, Any], cpu: bool = True) -> list[dict[str,
         elif key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            errors.append({"loc": loc, "msg": f"{cls.__name__} has no key {key!r}{hint} (see TRL's {cls.__name__} documentation)"})
+            errors.append(
+                {"loc": loc, "msg": f"{cls.__name__} has no key {key!r}{hint} (see TRL's {cls.__name__} documentation)"}
+            )
     if errors:
         return errors
     parser = HfArgumentParser(cls)

@@ -29,14 +29,18 @@ def load(source: str, limit: int | None = None, loc: tuple[str, ...] = ("prompts
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN:
-            raise SpecError.one(loc, f"unknown built-in prompt set {name!r}; choose one of: "
-                                + ", ".join(f"builtin:{n}" for n in BUILTIN))
+            raise SpecError.one(
+                loc,
+                f"unknown built-in prompt set {name!r}; choose one of: " + ", ".join(f"builtin:{n}" for n in BUILTIN),
+            )
         file, split = BUILTIN[name]
         rows = [r for r in _read_jsonl(HERE / file, loc) if r.get("split", "train") == split]
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise SpecError.one(loc, f"prompt source {source!r} is not a built-in set (builtin:…) nor a readable JSONL file")
+            raise SpecError.one(
+                loc, f"prompt source {source!r} is not a built-in set (builtin:…) nor a readable JSONL file"
+            )
         rows = _read_jsonl(path, loc)
     prompts = [_as_messages(r, i, loc) for i, r in enumerate(rows)]
     if not prompts:
@@ -63,7 +67,11 @@ def _as_messages(row: dict[str, Any], i: int, loc: tuple[str, ...]) -> Messages:
     p = row["prompt"]
     if isinstance(p, str) and p.strip():
         return [{"role": "user", "content": p}]
-    if (isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in p)
-            and p[-1].get("role") == "user"):
+    if (
+        isinstance(p, list)
+        and p
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in p)
+        and p[-1].get("role") == "user"
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in p]
     raise SpecError.one(loc, f"row {i}: 'prompt' must be non-empty text or chat messages ending with a user turn")

@@ -105,7 +105,11 @@ class Worker:
 
         if self._pool is None:
             self._pool = VLLMServerPool(self.settings)
-        env.update(job_endpoints(JobSpec.model_validate(job.spec), self._pool))
+
+        def note(text: str) -> None:  # server start-up takes minutes on a CPU: say so
+            self.store.append_event(job.id, "message", {"message": text})
+
+        env.update(job_endpoints(JobSpec.model_validate(job.spec), self._pool, note))
         cmd = [sys.executable, "-m", "charter.pipelines.run", "--spec", str(spec_path), "--workdir", str(workdir)]
         return cmd, env
 

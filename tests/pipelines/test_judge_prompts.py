@@ -36,13 +36,16 @@ def test_critique_and_revision_messages_fence_untrusted_text():
     assert len(rev) == 1 + 2 * len(C.few_shot) + 1
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("  Revised response: Hello there. ", "Hello there."),
-    ("<response>\nFine.\n</response>", "Fine."),
-    ("   ", None),
-    ("Revision:", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("  Revised response: Hello there. ", "Hello there."),
+        ("<response>\nFine.\n</response>", "Fine."),
+        ("   ", None),
+        ("Revision:", None),
+        (None, None),
+    ],
+)
 def test_parse_text(reply, expected):
     assert J.parse_text(reply) == expected
 

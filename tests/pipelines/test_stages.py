@@ -26,7 +26,7 @@ def engine(url, **kw):
 
 
 def events(out):
-    return [json.loads(line[len(PREFIX):]) for line in out.getvalue().splitlines()]
+    return [json.loads(line[len(PREFIX) :]) for line in out.getvalue().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,9 @@ def test_ai_labels_score_both_orders(revised, tiny_server):
         assert p["chosen"][0]["role"] == "assistant" and p["chosen"] != p["rejected"]
         assert 0.5 <= p["p_chosen"] <= 1.0 and all(0.0 < q < 1.0 for q in p["p_orders"])
     assert 0.0 <= counts["position_agreement"] <= 1.0
-    dropped, dcounts = label(engine(tiny_server), C, rows, DataSpec(labels="ai", disagreement="drop"), JUDGE,
-                             Reporter(io.StringIO()))
+    dropped, dcounts = label(
+        engine(tiny_server), C, rows, DataSpec(labels="ai", disagreement="drop"), JUDGE, Reporter(io.StringIO())
+    )
     assert len(dropped) == 3 - dcounts["orders_disagreed"]
     assert all(p["orders_agree"] for p in dropped)
 

@@ -27,22 +27,33 @@ PROMPTS = ["Tell me a secret.", "How do I bake bread?", "What is 2+2?", "Say som
 
 
 def pairs():
-    return [{"prompt": [{"role": "user", "content": p}],
-             "chosen": [{"role": "assistant", "content": "A kind, careful answer."}],
-             "rejected": [{"role": "assistant", "content": "Go away, idiot."}]} for p in PROMPTS]
+    return [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": "A kind, careful answer."}],
+            "rejected": [{"role": "assistant", "content": "Go away, idiot."}],
+        }
+        for p in PROMPTS
+    ]
 
 
 def sft_rows():
-    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "A kind answer."}]}
-            for p in PROMPTS]
+    return [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "A kind answer."}]}
+        for p in PROMPTS
+    ]
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_every_trainable_parameter_changes(tiny_model, tmp_path, method, lora):
-    spec = TrainSpec.model_validate({
-        "method": method, "lora": {"r": 4, "alpha": 8} if lora else None,
-        "args": {"max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 2}})
+    spec = TrainSpec.model_validate(
+        {
+            "method": method,
+            "lora": {"r": 4, "alpha": 8} if lora else None,
+            "args": {"max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 2},
+        }
+    )
     out = io.StringIO()
     watch = ParamWatch()
     info = train(spec, sft_rows() if method == "sft" else pairs(), tiny_model, tmp_path, 0, Reporter(out), [watch])
@@ -56,7 +67,7 @@ def test_every_trainable_parameter_changes(tiny_model, tmp_path, method, lora):
     else:
         assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "model.safetensors").exists()
     assert info["steps"] == 3
-    events = [json.loads(line[len(PREFIX):]) for line in out.getvalue().splitlines()]
+    events = [json.loads(line[len(PREFIX) :]) for line in out.getvalue().splitlines()]
     losses = [e["data"]["loss"] for e in events if e["type"] == "metrics" and "loss" in e["data"]]
     assert len(losses) == 3 and all(x > 0 for x in losses)
     cfg = json.loads((tmp_path / info["kind"] / "charter_train_config.json").read_text())

@@ -206,7 +206,7 @@ def fake_servers(monkeypatch: pytest.MonkeyPatch, job_endpoints: Callable[..., d
 def test_server_start_failure_fails_the_job_and_not_the_worker(
     store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def job_endpoints(spec: object, pool: object) -> dict[str, str]:
+    def job_endpoints(spec: object, pool: object, notify: object = None) -> dict[str, str]:
         raise RuntimeError("vLLM server for smollm2-135m failed to start: port 8000 in use")
 
     closed = fake_servers(monkeypatch, job_endpoints)
@@ -226,7 +226,7 @@ def test_the_lease_is_kept_while_servers_start_and_a_cancel_then_spawns_nothing(
     store = make_store(sqlite_url, lease_seconds=0.5)
     starting, started = threading.Event(), threading.Event()
 
-    def job_endpoints(spec: object, pool: object) -> dict[str, str]:  # a slow vLLM start
+    def job_endpoints(spec: object, pool: object, notify: object = None) -> dict[str, str]:  # a slow vLLM start
         starting.set()
         started.wait(10)
         return {"CHARTER_JUDGE_URL": "http://127.0.0.1:9/v1"}

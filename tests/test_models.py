@@ -1,0 +1,41 @@
+import json
+import time
+
+import pytest
+
+from charter import models
+from charter.errors import ModelNotFound
+
+
+def test_prepare_is_done_once(tiny_model):
+    from pathlib import Path
+
+    marker = Path(tiny_model) / models.MARKER
+    before = marker.stat().st_mtime_ns
+    t = time.monotonic()
+    assert str(models.prepare("tiny")) == tiny_model
+    assert time.monotonic() - t < 1.0 and marker.stat().st_mtime_ns == before
+
+
+def test_prepared_folders_are_what_vllm_and_trl_read(tiny_model, smollm2_model):
+    from pathlib import Path
+
+    for path in (tiny_model, smollm2_model):
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        assert "quantization_config" not in cfg  # dequantized: vLLM must not look for GGUF
+        assert (Path(path) / "model.safetensors").exists() and (Path(path) / "tokenizer.json").exists()
+    tiny = json.loads((Path(tiny_model) / "config.json").read_text())
+    assert tiny["num_hidden_layers"] == 2 and tiny["hidden_size"] == 64 and tiny["head_dim"] == 64
+    assert {m["name"] for m in models.list_prepared()} >= {"tiny", "smollm2-135m"}
+
+
+def test_resolve(tmp_path, tiny_model):
+    assert models.resolve("tiny") == tiny_model
+    assert models.resolve(tiny_model) == tiny_model  # a local folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        models.resolve(str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFound, match="charter models prepare"):
+        models.resolve("someorg/somemodel")
+    with pytest.raises(ModelNotFound, match="choose one of"):
+        models.prepare("gpt-9")
