@@ -133,7 +133,6 @@ def _smollm2_gguf(root: Path) -> Path:
 def _prepare_smollm2(out: Path, root: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line of ours says what is happening; no bars

@@ -41,7 +41,9 @@ class JudgeSpec(_Strict):
         None, description="The model name the remote server expects; defaults to the one it lists first."
     )
     max_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight to the judge at once.")
-    max_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a critique or a revision.")
+    max_tokens: int = Field(
+        64, ge=8, le=4096, description="Token budget of a critique or a revision (sized for CPUs; raise it on GPUs)."
+    )
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     timeout_s: float = Field(300.0, gt=0, description="Seconds before one judge request is abandoned and retried.")
     retries: int = Field(3, ge=0, le=10, description="Retries of a request that failed in transport or did not parse.")
@@ -66,7 +68,9 @@ class DataSpec(_Strict):
     min_confidence: float = Field(
         0.0, ge=0.0, le=1.0, description="Drop AI-labelled pairs below this confidence (|2p-1|)."
     )
-    max_new_tokens: int = Field(128, ge=8, le=4096, description="Token budget of a policy sample.")
+    max_new_tokens: int = Field(
+        64, ge=8, le=4096, description="Token budget of a policy sample (sized for CPUs; raise it on GPUs)."
+    )
     temperature: float = Field(0.9, ge=0.0, le=2.0, description="Policy sampling temperature.")
     seed: int = 0
 
@@ -100,7 +104,7 @@ class TrainSpec(_Strict):
 class EvaluateSpec(_Strict):
     prompts: str = Field(description="A prompt source, as in prompts.source.")
     limit: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(128, ge=8, le=4096)
+    max_new_tokens: int = Field(64, ge=8, le=4096, description="Token budget of each evaluation answer.")
 
 
 class JobSpec(_Strict):

@@ -80,10 +80,9 @@ _validator = _TrlValidator()
 
 
 def _cpu_only() -> bool:
-    # Reading /proc instead of importing torch: any NVIDIA device node means "maybe GPU".
-    import glob
+    from charter.pipelines.servers import has_gpu  # reads /dev, imports no torch
 
-    return not glob.glob("/dev/nvidia[0-9]*")
+    return not has_gpu()
 
 
 def warm_up() -> None:

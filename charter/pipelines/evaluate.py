@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,13 @@ def load_policy(base_path: str, trained: dict[str, Any] | None) -> tuple[Any, An
 
 
 def sample(
-    model: Any, tok: Any, prompts: list[Messages], max_new_tokens: int, seed: int, batch_size: int = 16
+    model: Any,
+    tok: Any,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 16,
+    on_batch: Any = None,
 ) -> tuple[list[str], list[int]]:
     """Answers and their token counts; left padding so a batch generates together."""
     import torch
@@ -68,6 +75,8 @@ def sample(
             ids = [t for t in row.tolist() if t != tok.pad_token_id]
             lengths.append(len(ids))
             texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+        if on_batch:
+            on_batch(len(texts), sum(lengths))
     return texts, lengths
 
 
@@ -97,7 +106,13 @@ def evaluate(
     answers: dict[str, tuple[list[str], list[int]]] = {}
     for name, adapter in (("base", None), ("trained", trained)):
         model, tok = load_policy(base_path, adapter)
-        answers[name] = sample(model, tok, prompts, ev.max_new_tokens, seed)
+        t0 = time.monotonic()
+
+        def tick(n: int, tokens: int, name: str = name, t0: float = t0) -> None:
+            tps = round(tokens / max(time.monotonic() - t0, 1e-9), 1)
+            report.progress(n, len(prompts), force=True, phase=f"sampling {name}", tokens_per_s=tps)
+
+        answers[name] = sample(model, tok, prompts, ev.max_new_tokens, seed, on_batch=tick)
         del model
         report.message(f"evaluate: sampled {len(prompts)} answers from the {name} policy")
 
