@@ -40,7 +40,12 @@ class JudgeSpec(_Strict):
     served_model_name: str | None = Field(
         None, description="The model name the remote server expects; defaults to the one it lists first."
     )
-    max_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight to the judge at once.")
+    max_concurrency: int = Field(64, ge=1, le=1024, description="Requests in flight to the judge at once.")
+    few_shot: bool = Field(
+        False,
+        description="Put the constitution's few-shot examples before each critique and revision request. "
+        "They help small judges keep the format but make every judge prompt several hundred tokens longer.",
+    )
     max_tokens: int = Field(
         64, ge=8, le=4096, description="Token budget of a critique or a revision (sized for CPUs; raise it on GPUs)."
     )

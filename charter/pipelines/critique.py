@@ -38,7 +38,7 @@ def critique(
         try:
             return await gather_progress(
                 [
-                    ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p), spec)
+                    ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p, spec.few_shot), spec)
                     for r, p in zip(rows, principles, strict=True)
                 ],
                 lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),

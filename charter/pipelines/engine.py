@@ -110,6 +110,24 @@ class Engine:
             self.usage.prompt_tokens += r.usage.prompt_tokens
         return [c.message.content for c in r.choices]
 
+    async def first_token_logprobs(self, messages: Messages, k: int = 20) -> dict[str, float] | None:
+        """The top-k {token: logprob} of the judge's first answer token (one token generated)."""
+        model = await self.model()
+
+        async def go(c: Any) -> Any:
+            return await c.chat.completions.create(
+                model=model, messages=messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=k
+            )
+
+        r = await self._call(go)
+        self.usage.requests += 1
+        if r.usage:
+            self.usage.prompt_tokens += r.usage.prompt_tokens
+        lp = r.choices[0].logprobs if r.choices else None
+        if not lp or not lp.content:
+            return None
+        return {t.token: t.logprob for t in lp.content[0].top_logprobs}
+
     async def prompt_logprobs(self, messages: Messages) -> list | None:
         """vLLM's logprobs of the prompt tokens, the last message continued (not closed)."""
         model = await self.model()

@@ -82,18 +82,19 @@ def _revision_text(prompt: Messages, response: str, critique: str, principle: Pr
     )
 
 
-def critique_messages(c: Constitution, prompt: Messages, response: str, principle: Principle) -> Messages:
-    return (
-        _system(c) + _shots(c, "critique") + [{"role": "user", "content": _critique_text(prompt, response, principle)}]
-    )
+def critique_messages(
+    c: Constitution, prompt: Messages, response: str, principle: Principle, few_shot: bool = False
+) -> Messages:
+    shots = _shots(c, "critique") if few_shot else []
+    return _system(c) + shots + [{"role": "user", "content": _critique_text(prompt, response, principle)}]
 
 
 def revision_messages(
-    c: Constitution, prompt: Messages, response: str, critique: str, principle: Principle
+    c: Constitution, prompt: Messages, response: str, critique: str, principle: Principle, few_shot: bool = False
 ) -> Messages:
     return (
         _system(c)
-        + _shots(c, "revision")
+        + (_shots(c, "revision") if few_shot else [])
         + [{"role": "user", "content": _revision_text(prompt, response, critique, principle)}]
     )
 
@@ -143,6 +144,18 @@ def parse_letter_logprob(prompt_logprobs: list | None, letter: str) -> float | N
             if isinstance(lp, int | float) and math.isfinite(lp):
                 return float(lp)
     return None
+
+
+def letter_logprob(top: dict[str, float] | None, letter: str) -> float | None:
+    """log P(letter) from a first token's top-k logprobs: tokens that are exactly the letter
+    (`A`, ` A`) are summed. None when no such token is among the top k."""
+    if not top:
+        return None
+    lps = [lp for tok, lp in top.items() if tok.strip() == letter and isinstance(lp, int | float) and math.isfinite(lp)]
+    if not lps:
+        return None
+    m = max(lps)
+    return m + math.log(sum(math.exp(x - m) for x in lps))
 
 
 def preference(lp_a: float, lp_b: float) -> float:

@@ -30,14 +30,23 @@ class Verdict:
 
 
 async def _p_a(judge: Engine, msgs: Messages, retries: int) -> float | None:
-    """P(A) over {A, B}: the judge's logprob of each letter as its first answer token."""
+    """P(A) over {A, B}: the judge's probability of each letter as its first answer token.
+
+    One request reads both letters from the first token's top-20 logprobs (prefix-cached, one
+    token of logits). A letter outside the top 20 — a weak or random judge — is scored exactly
+    by sending the answer already begun with it and reading its prompt logprob.
+    """
     for _ in range(retries + 1):
-        lps = await asyncio.gather(
-            *(judge.prompt_logprobs(msgs + [{"role": "assistant", "content": x}]) for x in ("A", "B"))
-        )
-        a, b = J.parse_letter_logprob(lps[0], "A"), J.parse_letter_logprob(lps[1], "B")
-        if a is not None and b is not None:
-            return J.preference(a, b)
+        top = await judge.first_token_logprobs(msgs)
+        lp = {x: J.letter_logprob(top, x) for x in ("A", "B")}
+        missing = [x for x, v in lp.items() if v is None]
+        if missing:
+            exact = await asyncio.gather(
+                *(judge.prompt_logprobs(msgs + [{"role": "assistant", "content": x}]) for x in missing)
+            )
+            lp.update({x: J.parse_letter_logprob(e, x) for x, e in zip(missing, exact, strict=True)})
+        if lp["A"] is not None and lp["B"] is not None:
+            return J.preference(lp["A"], lp["B"])
     return None
 
 

@@ -22,7 +22,7 @@ def revise(
         crit = r["critiques"][-1]
         if crit is None:
             return None
-        msgs = J.revision_messages(c, r["prompt"], current(r), crit, by_id[r["principles"][-1]])
+        msgs = J.revision_messages(c, r["prompt"], current(r), crit, by_id[r["principles"][-1]], spec.few_shot)
         return await ask_text(judge, msgs, spec)
 
     async def run() -> list[str | None]:

@@ -93,3 +93,15 @@ def test_unreachable_judge_names_the_url():
     with pytest.raises(JudgeError, match="127.0.0.1:9"):
         asyncio.run(e.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0))
     assert e.usage.retries == 2
+
+
+def test_first_token_top_logprobs_from_the_real_server(tiny_server):
+    import asyncio
+
+    from charter.pipelines import judge as J
+
+    msgs = J.comparison_messages(
+        C, [{"role": "user", "content": "hi"}], "Hello!", "Go away.", C.principles[0].comparison
+    )
+    top = asyncio.run(engine(tiny_server).first_token_logprobs(msgs))
+    assert len(top) == 20 and all(lp <= 0.0 for lp in top.values())
