@@ -23,11 +23,12 @@ from charter.pipelines import judge as J
 from charter.pipelines import servers
 from charter.pipelines.engine import Engine
 
+# Environment for charter's own server start-up (servers.start_server), one set per run.
 CONFIGS = {
-    "default": {"env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, "args": []},
-    "reserve1": {"env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, "args": []},
-    "eager": {"env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, "args": ["--enforce-eager"]},
-    "eager-reserve1": {"env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, "args": ["--enforce-eager"]},
+    "default": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "CHARTER_VLLM_EAGER": "0"},
+    "reserve1": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "CHARTER_VLLM_EAGER": "0"},
+    "eager": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "CHARTER_VLLM_EAGER": "1"},
+    "eager-reserve1": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "CHARTER_VLLM_EAGER": "1"},
 }
 
 
@@ -61,29 +62,12 @@ async def phase(url: str, batch: list[list[dict]], n: int, max_tokens: int) -> d
 
 
 def run(name: str, model_path: str, log_dir: Path) -> dict:
-    cfg = CONFIGS[name]
-    os.environ.update(cfg["env"])
+    os.environ.update(CONFIGS[name])
     port = servers.free_port()
     url = f"http://127.0.0.1:{port}/v1"
     log = log_dir / f"vllm-{name}.log"
     t = time.monotonic()
-    import subprocess
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_path,
-        "--port",
-        str(port),
-        "--max-model-len",
-        "2048",
-        "--disable-uvicorn-access-log",
-        *cfg["args"],
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = servers.start_server(model_path, port, log, kvcache_gib=2)
     try:
         servers.wait_ready(url, proc, 900, log)
         start_s = time.monotonic() - t

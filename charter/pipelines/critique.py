@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from charter.constitution import Constitution
 from charter.pipelines import judge as J
-from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.engine import Engine, run_batch
 from charter.pipelines.events import Reporter
 from charter.spec import JudgeSpec
 
@@ -34,22 +33,12 @@ def critique(
     rng = random.Random(f"{seed}-critique-{round}")
     principles = [rng.choice(c.principles) for _ in rows]
 
-    async def run() -> list[str | None]:
-        try:
-            return await gather_progress(
-                [
-                    ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p, spec.few_shot), spec)
-                    for r, p in zip(rows, principles, strict=True)
-                ],
-                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
-                judge,
-                lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)),
-            )
-        finally:
-            await judge.close()
-
     report.started("critique", total=len(rows), round=round)
-    out = asyncio.run(run())
+    asks = [
+        ask_text(judge, J.critique_messages(c, r["prompt"], current(r), p, spec.few_shot), spec)
+        for r, p in zip(rows, principles, strict=True)
+    ]
+    out = run_batch(judge, asks, report, round=round)
     new_rows = []
     for r, p, text in zip(rows, principles, out, strict=True):
         r = dict(r)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.engine import Engine, run_batch
 from charter.pipelines.events import Reporter
 from charter.spec import DataSpec
 
@@ -26,19 +24,8 @@ def generate(policy: Engine, prompts: list[Messages], data: DataSpec, report: Re
                 break
         return out
 
-    async def run() -> list[list[str | None]]:
-        try:
-            return await gather_progress(
-                [one(i, p) for i, p in enumerate(prompts)],
-                lambda n: report.progress(n, len(prompts), tokens_per_s=round(policy.usage.tokens_per_s, 1)),
-                policy,
-                lambda n, tps: report.progress(n, len(prompts), force=True, tokens_per_s=round(tps, 1)),
-            )
-        finally:
-            await policy.close()
-
     report.started("generate", total=len(prompts))
-    samples = asyncio.run(run())
+    samples = run_batch(policy, [one(i, p) for i, p in enumerate(prompts)], report)
     rows, empty = [], 0
     for i, (prompt, outs) in enumerate(zip(prompts, samples, strict=True)):
         for k, text in enumerate(outs):

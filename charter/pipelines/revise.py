@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from charter.constitution import Constitution
 from charter.pipelines import judge as J
 from charter.pipelines.critique import ask_text, current, round_
-from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.engine import Engine, run_batch
 from charter.pipelines.events import Reporter
 from charter.spec import JudgeSpec
 
@@ -25,19 +23,8 @@ def revise(
         msgs = J.revision_messages(c, r["prompt"], current(r), crit, by_id[r["principles"][-1]], spec.few_shot)
         return await ask_text(judge, msgs, spec)
 
-    async def run() -> list[str | None]:
-        try:
-            return await gather_progress(
-                [one(r) for r in rows],
-                lambda n: report.progress(n, len(rows), round=round, tokens_per_s=round_(judge.usage.tokens_per_s)),
-                judge,
-                lambda n, tps: report.progress(n, len(rows), force=True, round=round, tokens_per_s=round_(tps)),
-            )
-        finally:
-            await judge.close()
-
     report.started("revise", total=len(rows), round=round)
-    out = asyncio.run(run())
+    out = run_batch(judge, [one(r) for r in rows], report, round=round)
     new_rows, failed = [], 0
     for r, text in zip(rows, out, strict=True):
         r = dict(r)

@@ -39,15 +39,15 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     policy_path = models.ensure(spec.policy.model)
     judge_model = spec.judge.served_model_name
 
-    def judge() -> Engine:  # a fresh client per stage: each stage runs its own event loop
+    def engine(url: str, model: str | None, name: str) -> Engine:
+        # A fresh client per stage: each stage runs its own event loop.
+        j = spec.judge
         return Engine(
-            judge_url,
-            judge_model,
-            name="judge",
-            max_concurrency=spec.judge.max_concurrency,
-            timeout_s=spec.judge.timeout_s,
-            retries=spec.judge.retries,
+            url, model, name=name, max_concurrency=j.max_concurrency, timeout_s=j.timeout_s, retries=j.retries
         )
+
+    def judge() -> Engine:
+        return engine(judge_url, judge_model, "judge")
 
     wd = Workdir(
         workdir,
@@ -73,14 +73,7 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     ps = prompts.load(spec.prompts.source, spec.prompts.limit)
 
     def policy() -> Engine:
-        return Engine(
-            policy_url,
-            None,
-            name="policy",
-            max_concurrency=spec.judge.max_concurrency,
-            timeout_s=spec.judge.timeout_s,
-            retries=spec.judge.retries,
-        )
+        return engine(policy_url, None, "policy")
 
     rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
     parent = "generate"
