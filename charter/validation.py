@@ -70,11 +70,6 @@ class _TrlValidator:
                 self._proc = None  # died mid-request: start a fresh one and ask again
             raise CharterError("the TRL validator process keeps dying; see the service log")
 
-    def close(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=10)
-
 
 _validator = _TrlValidator()
 
@@ -88,10 +83,6 @@ def _cpu_only() -> bool:
 def warm_up() -> None:
     """Start the TRL validator in the background so the first submit does not wait for it."""
     _validator.warm_up()
-
-
-def close() -> None:
-    _validator.close()
 
 
 def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:

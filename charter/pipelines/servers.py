@@ -165,13 +165,15 @@ def job_endpoints(
 ) -> dict[str, str]:
     """Environment for a job process: where its judge and its policy are served."""
     env = {}
+    policy_path = models.ensure(spec.policy.model, pool.settings)
     if spec.judge.base_url:
         env["CHARTER_JUDGE_URL"] = spec.judge.base_url
-    else:
-        env["CHARTER_JUDGE_URL"] = pool.ensure(models.ensure(spec.judge_model, pool.settings), notify)
-    policy_path = models.ensure(spec.policy.model, pool.settings)
-    if not spec.judge.base_url and models.ensure(spec.judge_model, pool.settings) == policy_path:
-        env["CHARTER_POLICY_URL"] = env["CHARTER_JUDGE_URL"]
-    else:
         env["CHARTER_POLICY_URL"] = pool.ensure(policy_path, notify)
+        return env
+    judge_path = models.ensure(spec.judge_model, pool.settings)
+    env["CHARTER_JUDGE_URL"] = pool.ensure(judge_path, notify)
+    # One server when the policy is the judge's model: no second copy in memory.
+    env["CHARTER_POLICY_URL"] = (
+        env["CHARTER_JUDGE_URL"] if judge_path == policy_path else pool.ensure(policy_path, notify)
+    )
     return env
