@@ -59,6 +59,8 @@ class Engine:
         self._model = model
         self.usage = Usage()
         self._sem: asyncio.Semaphore | None = None
+        self._letter_ids: dict[str, list[int]] | None = None
+        self._letter_ids_known = False
 
     async def model(self) -> str:
         if self._model is None:
@@ -127,6 +129,69 @@ class Engine:
         if not lp or not lp.content:
             return None
         return {t.token: t.logprob for t in lp.content[0].top_logprobs}
+
+    async def token_ids(self, text: str) -> list[int] | None:
+        """`text` as the served model's token ids, from vLLM's `/tokenize`; None if the server has none."""
+        import httpx
+
+        model = await self.model()
+        root = self.urls[0].removesuffix("/").removesuffix("/v1")
+        try:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(f"{root}/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
+            return list(r.json()["tokens"]) if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    async def letter_token_ids(self, letters: Sequence[str]) -> dict[str, list[int]] | None:
+        """For each letter, the single tokens that spell it as a first answer token ("A", " A").
+
+        Cached per engine; None when the server cannot tokenize (not vLLM) or a letter has no
+        single-token spelling, and the caller falls back to top-k logprobs.
+        """
+        if not self._letter_ids_known:
+            out: dict[str, list[int]] = {}
+            for letter in letters:
+                spellings = await asyncio.gather(*(self.token_ids(s) for s in (letter, " " + letter)))
+                ids = sorted({t[0] for t in spellings if t is not None and len(t) == 1})
+                if not ids:
+                    out = {}
+                    break
+                out[letter] = ids
+            self._letter_ids, self._letter_ids_known = out or None, True
+        return self._letter_ids
+
+    async def token_logprobs(self, messages: Messages, token_ids: Sequence[int]) -> dict[int, float] | None:
+        """The exact logprobs of `token_ids` as the judge's first answer token, in one request.
+
+        vLLM's `logprob_token_ids` gathers just those entries of the first position's
+        log-softmax: no top-k cut-off, no `prompt_logprobs` pass (which computes logits at
+        every prompt position and bypasses the prefix cache). None if the server ignored it.
+        """
+        model = await self.model()
+
+        async def go(c: Any) -> Any:
+            return await c.chat.completions.create(
+                model=model,
+                messages=messages,
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=True,
+                extra_body={"logprob_token_ids": list(token_ids), "return_tokens_as_token_ids": True},
+            )
+
+        r = await self._call(go)
+        self.usage.requests += 1
+        if r.usage:
+            self.usage.prompt_tokens += r.usage.prompt_tokens
+        lp = r.choices[0].logprobs if r.choices else None
+        if not lp or not lp.content:
+            return None
+        out: dict[int, float] = {}
+        for t in [lp.content[0], *(lp.content[0].top_logprobs or [])]:
+            if t.token.startswith("token_id:"):
+                out[int(t.token.removeprefix("token_id:"))] = t.logprob
+        return out if all(i in out for i in token_ids) else None
 
     async def prompt_logprobs(self, messages: Messages) -> list | None:
         """vLLM's logprobs of the prompt tokens, the last message continued (not closed)."""

@@ -39,21 +39,17 @@ def _system(constitution: Constitution) -> Messages:
     return [{"role": "system", "content": constitution.system}] if constitution.system else []
 
 
-def _shots(constitution: Constitution, kind: str) -> Messages:
-    """Few-shot examples as earlier turns of the same exchange."""
+def _shots(constitution: Constitution) -> Messages:
+    """Few-shot examples as earlier exchanges: critique request → critique → revision request → revision."""
     out: Messages = []
+    p = constitution.principles[0]
     for ex in constitution.few_shot:
-        base = [{"role": "user", "content": ex.prompt}]
-        if kind == "critique":
-            out += [
-                {"role": "user", "content": _critique_text(base, ex.response, constitution.principles[0])},
-                {"role": "assistant", "content": ex.critique},
-            ]
-        else:
-            out += [
-                {"role": "user", "content": _revision_text(base, ex.response, ex.critique, constitution.principles[0])},
-                {"role": "assistant", "content": ex.revision},
-            ]
+        out += [
+            {"role": "user", "content": _critique_text([{"role": "user", "content": ex.prompt}], ex.response, p)},
+            {"role": "assistant", "content": ex.critique},
+            {"role": "user", "content": _revision_text(p)},
+            {"role": "assistant", "content": ex.revision},
+        ]
     return out
 
 
@@ -69,13 +65,9 @@ def _critique_text(prompt: Messages, response: str, principle: Principle) -> str
     )
 
 
-def _revision_text(prompt: Messages, response: str, critique: str, principle: Principle) -> str:
+def _revision_text(principle: Principle) -> str:
     return "\n".join(
         [
-            PREAMBLE,
-            fence("conversation", render_conversation(prompt)),
-            fence("response", response),
-            fence("critique", critique),
             f"Revision request: {principle.revision}",
             "Write only the revised response, with no preamble.",
         ]
@@ -85,18 +77,21 @@ def _revision_text(prompt: Messages, response: str, critique: str, principle: Pr
 def critique_messages(
     c: Constitution, prompt: Messages, response: str, principle: Principle, few_shot: bool = False
 ) -> Messages:
-    shots = _shots(c, "critique") if few_shot else []
+    shots = _shots(c) if few_shot else []
     return _system(c) + shots + [{"role": "user", "content": _critique_text(prompt, response, principle)}]
 
 
 def revision_messages(
     c: Constitution, prompt: Messages, response: str, critique: str, principle: Principle, few_shot: bool = False
 ) -> Messages:
-    return (
-        _system(c)
-        + (_shots(c, "revision") if few_shot else [])
-        + [{"role": "user", "content": _revision_text(prompt, response, critique, principle)}]
-    )
+    """The critique exchange continued, as in the CAI paper and HF's recipe: the judge's own
+    critique is its earlier turn and the revision request follows. The request's whole prefix
+    is the critique request the server has just processed, so vLLM's prefix cache skips
+    most of its prefill."""
+    return critique_messages(c, prompt, response, principle, few_shot) + [
+        {"role": "assistant", "content": critique},
+        {"role": "user", "content": _revision_text(principle)},
+    ]
 
 
 def comparison_messages(c: Constitution, prompt: Messages, a: str, b: str, request: str) -> Messages:
@@ -146,16 +141,21 @@ def parse_letter_logprob(prompt_logprobs: list | None, letter: str) -> float | N
     return None
 
 
+def logsumexp(lps: list[float]) -> float | None:
+    """log(sum(exp(x))) of the finite values; None if there are none."""
+    xs = [x for x in lps if isinstance(x, int | float) and math.isfinite(x)]
+    if not xs:
+        return None
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
 def letter_logprob(top: dict[str, float] | None, letter: str) -> float | None:
     """log P(letter) from a first token's top-k logprobs: tokens that are exactly the letter
     (`A`, ` A`) are summed. None when no such token is among the top k."""
     if not top:
         return None
-    lps = [lp for tok, lp in top.items() if tok.strip() == letter and isinstance(lp, int | float) and math.isfinite(lp)]
-    if not lps:
-        return None
-    m = max(lps)
-    return m + math.log(sum(math.exp(x - m) for x in lps))
+    return logsumexp([lp for tok, lp in top.items() if tok.strip() == letter])
 
 
 def preference(lp_a: float, lp_b: float) -> float:

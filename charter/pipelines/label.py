@@ -32,11 +32,20 @@ class Verdict:
 async def _p_a(judge: Engine, msgs: Messages, retries: int) -> float | None:
     """P(A) over {A, B}: the judge's probability of each letter as its first answer token.
 
-    One request reads both letters from the first token's top-20 logprobs (prefix-cached, one
-    token of logits). A letter outside the top 20 — a weak or random judge — is scored exactly
-    by sending the answer already begun with it and reading its prompt logprob.
+    On vLLM, one request reads the exact logprobs of the letters' tokens ("A", " A", "B",
+    " B"; `logprob_token_ids`). Elsewhere the letters are read from the first token's top-20
+    logprobs, and a letter outside the top 20 is scored exactly by sending the answer already
+    begun with it and reading its prompt logprob.
     """
+    ids = await judge.letter_token_ids(("A", "B"))
     for _ in range(retries + 1):
+        if ids is not None:
+            got = await judge.token_logprobs(msgs, [i for v in ids.values() for i in v])
+            if got is not None:
+                lp = {x: J.logsumexp([got[i] for i in v]) for x, v in ids.items()}
+                if all(v is not None for v in lp.values()):
+                    return J.preference(lp["A"], lp["B"])
+                continue
         top = await judge.first_token_logprobs(msgs)
         lp = {x: J.letter_logprob(top, x) for x in ("A", "B")}
         missing = [x for x, v in lp.items() if v is None]

@@ -31,11 +31,14 @@ def test_critique_and_revision_messages_fence_untrusted_text():
     assert crit[0]["role"] == "system" and p.critique in crit[-1]["content"]
     assert "&lt;/critique&gt;" in crit[-1]["content"]
     rev = J.revision_messages(C, PROMPT, "resp", "the critique", p, few_shot=True)
-    assert p.revision in rev[-1]["content"] and "<critique>\nthe critique\n</critique>" in rev[-1]["content"]
-    # few-shot examples come first, as earlier turns, only when asked for
-    assert len(rev) == 1 + 2 * len(C.few_shot) + 1
-    assert len(J.revision_messages(C, PROMPT, "resp", "the critique", p)) == 2
+    assert p.revision in rev[-1]["content"] and rev[-2] == {"role": "assistant", "content": "the critique"}
+    # the revision request continues the critique exchange: its prefix is the critique request
+    assert rev[:-2] == J.critique_messages(C, PROMPT, "resp", p, few_shot=True)
+    # few-shot examples come first, as earlier exchanges, only when asked for
+    assert len(rev) == 1 + 4 * len(C.few_shot) + 3
+    assert len(J.revision_messages(C, PROMPT, "resp", "the critique", p)) == 4
     assert C.few_shot[0].critique in J.critique_messages(C, PROMPT, "r", p, few_shot=True)[2]["content"]
+    assert C.few_shot[0].revision in J.critique_messages(C, PROMPT, "r", p, few_shot=True)[4]["content"]
 
 
 @pytest.mark.parametrize(

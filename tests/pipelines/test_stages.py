@@ -105,3 +105,38 @@ def test_first_token_top_logprobs_from_the_real_server(tiny_server):
     )
     top = asyncio.run(engine(tiny_server).first_token_logprobs(msgs))
     assert len(top) == 20 and all(lp <= 0.0 for lp in top.values())
+
+
+def test_exact_letter_logprobs_match_the_prompt_logprobs_path(tiny_server):
+    """One `logprob_token_ids` request gives each letter token the same logprob as the slow
+    path (the answer begun with the letter, scored by `prompt_logprobs`), which the tiny judge
+    would always need: its letters are never in the first token's top 20."""
+    import asyncio
+
+    from charter.pipelines import judge as J
+    from charter.pipelines.label import _p_a
+
+    msgs = J.comparison_messages(
+        C, [{"role": "user", "content": "hi"}], "Hello!", "Go away.", C.principles[0].comparison
+    )
+
+    async def run():
+        e = engine(tiny_server)
+        ids = await e.letter_token_ids(("A", "B"))
+        exact = await e.token_logprobs(msgs, [i for v in ids.values() for i in v])
+        plain = {x: (await e.token_ids(x))[0] for x in ("A", "B")}
+        slow = {
+            x: J.parse_letter_logprob(await e.prompt_logprobs(msgs + [{"role": "assistant", "content": x}]), x)
+            for x in ("A", "B")
+        }
+        before = e.usage.requests
+        p = await _p_a(e, msgs, retries=0)
+        return ids, exact, plain, slow, p, e.usage.requests - before
+
+    ids, exact, plain, slow, p, requests = asyncio.run(run())
+    assert set(ids) == {"A", "B"} and all(plain[x] in ids[x] for x in ids)
+    for x in ("A", "B"):
+        assert exact[plain[x]] == pytest.approx(slow[x], abs=1e-3)
+    assert requests == 1  # one request per order on vLLM
+    la, lb = (J.logsumexp([exact[i] for i in ids[x]]) for x in ("A", "B"))
+    assert p == pytest.approx(J.preference(la, lb))
