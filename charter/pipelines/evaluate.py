@@ -1,7 +1,8 @@
 """Stage `evaluate`: the trained policy against its base on held-out prompts.
 
 Both models answer each prompt with the same sampler and seed (HF `generate`, so a LoRA
-adapter needs no merging or serving); the judge compares the two answers in both orders.
+adapter needs no merging or serving; the base answers come from the same loaded weights with
+the adapter switched off); the judge compares the two answers in both orders.
 A prompt is a win when both orders prefer the trained answer, a loss when both prefer the
 base, a tie when they disagree. Win rate counts a tie as half; its 95% interval is the
 normal interval of the per-prompt scores. Prompts whose verdict never parsed are dropped.
@@ -45,7 +46,7 @@ def sample(
     prompts: list[Messages],
     max_new_tokens: int,
     seed: int,
-    batch_size: int = 16,
+    batch_size: int = 32,
     on_batch: Any = None,
 ) -> tuple[list[str], list[int]]:
     """Answers and their token counts; left padding so a batch generates together."""
@@ -104,17 +105,28 @@ def evaluate(
 ) -> tuple[list[dict], dict]:
     report.started("evaluate", total=len(prompts), phase="sampling")
     answers: dict[str, tuple[list[str], list[int]]] = {}
-    for name, adapter in (("base", None), ("trained", trained)):
-        model, tok = load_policy(base_path, adapter)
+
+    def run_sampling(name: str, model: Any, tok: Any) -> None:
         t0 = time.monotonic()
 
-        def tick(n: int, tokens: int, name: str = name, t0: float = t0) -> None:
+        def tick(n: int, tokens: int) -> None:
             tps = round(tokens / max(time.monotonic() - t0, 1e-9), 1)
             report.progress(n, len(prompts), force=True, phase=f"sampling {name}", tokens_per_s=tps)
 
         answers[name] = sample(model, tok, prompts, ev.max_new_tokens, seed, on_batch=tick)
-        del model
         report.message(f"evaluate: sampled {len(prompts)} answers from the {name} policy")
+
+    if trained["kind"] == "model":
+        for name, adapter in (("base", None), ("trained", trained)):
+            model, tok = load_policy(base_path, adapter)
+            run_sampling(name, model, tok)
+            del model
+    else:  # one copy of the base weights: the base answers with the adapter switched off
+        model, tok = load_policy(base_path, trained)
+        with model.disable_adapter():
+            run_sampling("base", model, tok)
+        run_sampling("trained", model, tok)
+        del model
 
     request = DEFAULT_COMPARISON
 
