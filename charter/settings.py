@@ -25,7 +25,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8400
     # GiB of KV cache for each vLLM server the worker starts on a CPU (VLLM_CPU_KVCACHE_SPACE).
-    vllm_kvcache_gib: float = 2.0
+    vllm_kvcache_gib: float = 4.0
     # Seconds a worker's claim on a job lasts without a heartbeat.
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
@@ -40,7 +40,7 @@ class Settings:
             models_dir=Path(os.environ.get("CHARTER_MODELS_DIR", home / "models")).expanduser(),
             host=os.environ.get("CHARTER_HOST", "127.0.0.1"),
             port=int(os.environ.get("CHARTER_PORT", "8400")),
-            vllm_kvcache_gib=float(os.environ.get("CHARTER_VLLM_KVCACHE_GIB", "2")),
+            vllm_kvcache_gib=float(os.environ.get("CHARTER_VLLM_KVCACHE_GIB", "4")),
             lease_seconds=float(os.environ.get("CHARTER_LEASE_SECONDS", "60")),
             heartbeat_seconds=float(os.environ.get("CHARTER_HEARTBEAT_SECONDS", "5")),
         )

@@ -100,6 +100,9 @@ def test_tiny_job_end_to_end_through_rest(service):
     started = {e["data"]["stage"] for e in events if e["type"] == "stage" and e["data"]["state"] == "started"}
     assert {"generate", "critique", "revise", "label", "train", "evaluate"} <= started
     assert [e for e in events if e["type"] == "metrics" and "loss" in e["data"]], "training loss became events"
+    # AI labels need only the samples: the label stage runs beside critique/revise, not after
+    at = {(e["data"]["stage"], e["data"]["state"]): e["id"] for e in events if e["type"] == "stage"}
+    assert at[("label", "started")] < at[("revise", "done")]
 
     report, artifacts = job["report"], job["artifacts"]
     assert report["pairs"] >= 1 and 0.0 <= report["position_agreement"] <= 1.0
@@ -118,6 +121,7 @@ def test_tiny_job_end_to_end_through_rest(service):
         m = json.loads((workdir / stage / "manifest.json").read_text())
         assert m["job_id"] == job["id"] and m["constitution"]["sha256"]
         assert m["judge"]["engine"].startswith("vllm ")
+    assert json.loads((workdir / "label" / "manifest.json").read_text())["parents"] == ["generate"]
 
 
 def test_bad_requests_are_422_and_the_service_keeps_serving(service):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -15,15 +16,23 @@ PREFIX = "@@event "
 
 
 class Reporter:
-    def __init__(self, out: TextIO | None = None, min_interval_s: float = 0.5):
+    def __init__(self, out: TextIO | None = None, min_interval_s: float = 0.5, lock: threading.Lock | None = None):
         self.out = out or sys.stdout
         self.min_interval_s = min_interval_s
         self._last_progress = 0.0
+        self._lock = lock or threading.Lock()
         self.stage: str | None = None
 
+    def fork(self) -> Reporter:
+        """A reporter for a stage running beside this one (its own stage and throttle, the same
+        stream): whole lines, never interleaved."""
+        return Reporter(self.out, self.min_interval_s, self._lock)
+
     def emit(self, type: str, data: dict[str, Any], level: str = "info") -> None:
-        self.out.write(PREFIX + json.dumps({"type": type, "level": level, "data": data}, default=str) + "\n")
-        self.out.flush()
+        line = PREFIX + json.dumps({"type": type, "level": level, "data": data}, default=str) + "\n"
+        with self._lock:
+            self.out.write(line)
+            self.out.flush()
 
     def started(self, stage: str, total: int | None = None, **extra: Any) -> None:
         self.stage = stage

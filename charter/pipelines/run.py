@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +78,35 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
 
     rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
     parent = "generate"
-    for r in range(1, spec.data.revision_rounds + 1):
-        rows = stage(
-            f"critique.r{r}",
-            "critiques",
-            lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
-            [parent],
-        )
-        rows = stage(
-            f"revise.r{r}",
-            "revisions",
-            lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
-            [f"critique.r{r}"],
-        )
-        parent = f"revise.r{r}"
-    revised = rows
 
-    # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
-    pairs = stage("label", "preferences", lambda: label(judge(), c, revised, spec.data, spec.judge, report), [parent])
+    # AI labels need only the policy's samples: the label stage runs beside critique/revise,
+    # so the judge server batches its prefill-only requests into their decode steps.
+    def label_stage(rows: list[dict], parent: str, reporter: Reporter) -> list[dict]:
+        return stage("label", "preferences", lambda: label(judge(), c, rows, spec.data, spec.judge, reporter), [parent])
+
+    beside = ThreadPoolExecutor(1, thread_name_prefix="label")
+    labelled = beside.submit(label_stage, rows, "generate", report.fork()) if spec.data.labels == "ai" else None
+    try:
+        for r in range(1, spec.data.revision_rounds + 1):
+            rows = stage(
+                f"critique.r{r}",
+                "critiques",
+                lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
+                [parent],
+            )
+            rows = stage(
+                f"revise.r{r}",
+                "revisions",
+                lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
+                [f"critique.r{r}"],
+            )
+            parent = f"revise.r{r}"
+        revised = rows
+
+        # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
+        pairs = labelled.result() if labelled else label_stage(revised, parent, report)
+    finally:
+        beside.shutdown(wait=False, cancel_futures=True)
     sft_rows = [
         {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
         for r in revised
