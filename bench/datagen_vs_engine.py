@@ -85,7 +85,13 @@ def measure(url: str, fn) -> dict:
     fn()
     dt, after = time.monotonic() - t, counters(url)
     p, g = after["prompt"] - before["prompt"], after["generation"] - before["generation"]
-    return {"seconds": round(dt, 1), "prompt_tokens": p, "gen_tokens": g, "gen_tok_s": g / dt, "all_tok_s": (p + g) / dt}
+    return {
+        "seconds": round(dt, 1),
+        "prompt_tokens": p,
+        "gen_tokens": g,
+        "gen_tok_s": g / dt,
+        "all_tok_s": (p + g) / dt,
+    }
 
 
 async def replay(url: str, batches: list[list[dict]]) -> None:
