@@ -170,7 +170,7 @@ def test_migrations_match_the_models(db_url: str) -> None:
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
-            assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == "0001"
+            assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == "0002"
     finally:
         store.engine.dispose()
 
