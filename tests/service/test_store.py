@@ -182,3 +182,15 @@ def test_status_is_stored_as_its_value(store: JobStore) -> None:
             sa.select(sa.column("status")).select_from(sa.table("jobs")).where(sa.column("id") == job.id)
         ).scalar()
     assert raw == "queued" and Job.__table__.c.status is not None
+
+
+def test_workers_take_only_jobs_whose_labels_they_all_have(store: JobStore) -> None:
+    gpu = store.create_job(spec("gpu"), name="gpu", labels=["gpu"])
+    both = store.create_job(spec("both"), name="both", labels=["gpu", "a100"])
+    plain = store.create_job(spec("plain"), name="plain")
+    assert store.get_job(both.id).labels == "a100,gpu"  # sorted, so a subset matches exactly
+    assert store.claim("cpu-worker").id == plain.id
+    assert store.claim("cpu-worker") is None
+    assert store.claim("small-gpu", ["gpu"]).id == gpu.id
+    assert store.claim("small-gpu", ["gpu"]) is None
+    assert store.claim("big-gpu", ["gpu", "a100", "fast"]).id == both.id
