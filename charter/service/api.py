@@ -274,7 +274,7 @@ def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPubl
     return JobPublic.of(store.request_cancel(job_id, principal.scope))
 
 
-def _artifact_names(store: StoreDep, job: Job) -> dict[str, Any]:
+def _artifact_names(store: JobStore, job: Job) -> dict[str, Any]:
     announced: dict[str, str] = {}
     if not job.result:  # still running: what its artifact events announced so far
         after = 0

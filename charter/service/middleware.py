@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -22,7 +23,7 @@ JOB_IN_PATH = re.compile(r"^/v1/(?:fine_tuning/)?jobs/([A-Za-z0-9_-]+)")
 class BodyLimit:
     """Refuse a request body larger than its route's limit, before or while it is read."""
 
-    def __init__(self, app: ASGIApp, limit: int, setting: str, overrides: list[tuple[str, int, str]] = ()):
+    def __init__(self, app: ASGIApp, limit: int, setting: str, overrides: Sequence[tuple[str, int, str]] = ()):
         self.app, self.limit, self.setting = app, limit, setting
         self.overrides = overrides  # (path prefix, limit, setting name)
 

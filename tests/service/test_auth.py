@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -104,8 +105,10 @@ def test_every_job_route_hides_another_tenants_jobs(tenants: Tenants) -> None:
     assert tenants.client.app.state.store.get_job(job["id"]).status == "queued"  # bob's cancel did nothing
 
 
-def test_an_admin_key_sees_and_cancels_every_tenants_jobs(tenants: Tenants) -> None:
-    a = tenants.request("alice", "POST", "/v1/jobs", json=spec("a")).json()
+def test_an_admin_key_sees_and_cancels_every_tenants_jobs(tenants: Tenants, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="charter.api"):
+        a = tenants.request("alice", "POST", "/v1/jobs", json=spec("a")).json()
+    assert [r.tenant for r in caplog.records if r.name == "charter.api"] == ["team-a"]  # in the access log
     b = tenants.request("bob", "POST", "/v1/jobs", json=spec("b")).json()
     listed = {j["id"]: j["tenant"] for j in tenants.request("root", "GET", "/v1/jobs").json()["data"]}
     assert listed[a["id"]] == "team-a" and listed[b["id"]] == "team-b"
