@@ -31,7 +31,6 @@ from charter.service import artifacts
 from charter.service.auth import PrincipalDep
 from charter.service.db import Event, Job, JobStatus, schema_status, upgrade
 from charter.service.keys import KeyStore
-from charter.service.metrics import StoreMetrics
 from charter.service.middleware import AccessLog, BodyLimit
 from charter.service.store import JobStore
 from charter.service.worker import Worker
@@ -169,7 +168,7 @@ def metrics(request: Request) -> Response:
     """Prometheus text format: jobs by status, stage durations, queue wait, tokens/s."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    collector: StoreMetrics = request.app.state.metrics
+    collector = request.app.state.metrics
     collector.update()
     return Response(generate_latest(collector.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -360,6 +359,8 @@ def build_app(settings: Settings, *, start_worker: bool) -> FastAPI:
 
     Refuses (SettingsError) to serve without API keys on anything but a loopback address.
     """
+    from charter.service.metrics import StoreMetrics  # prometheus_client: loaded by an app, not by the CLI
+
     settings.check_auth()
     store = JobStore.from_settings(settings)
 
