@@ -4,7 +4,8 @@
     worker.run_forever(stop_event)        # `charter worker`, or a thread inside `charter serve`
 
 One subprocess per job (`python -m charter.pipelines.run --spec … --workdir …`, in its own
-process group), so an OOM or a CUDA crash takes down that job, never the worker. The job
+process group, led by charter.service.jobguard, which ends the group if the worker dies), so
+an OOM or a CUDA crash takes down that job, never the worker. The job
 reports on stdout: a line `@@event {"type": …, "level": …, "data": {…}}` is an event, every
 other line goes to `<workdir>/job.log`. While it runs, the worker renews its lease every
 ≤2 s and acts on what the store says: a requested cancel kills the process group.
@@ -163,6 +164,8 @@ class _JobRun:
         with open(self.workdir / "job.log", "a", encoding="utf-8") as logfile:
             logfile.write(f"--- attempt {self.attempt}: {' '.join(cmd)}\n")
             logfile.flush()
+            if sys.platform == "linux":  # the guard ends the job's group if this worker dies
+                cmd = [sys.executable, "-m", "charter.service.jobguard", str(os.getpid()), *cmd]
             proc = subprocess.Popen(
                 cmd,
                 start_new_session=True,  # its own process group: a cancel kills everything it started

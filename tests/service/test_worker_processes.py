@@ -160,3 +160,29 @@ def test_labelled_jobs_wait_for_a_worker_with_those_labels(workers: Workers) -> 
     wait_for(lambda: store.get_job(gpu.id).status.finished, timeout=60)
     runner = started_events(store, gpu.id)[0]["worker"]
     assert runner != started_events(store, anywhere.id)[0]["worker"]
+
+
+def test_a_job_process_dies_with_its_worker(workers: Workers) -> None:
+    store = workers.store
+    job = store.create_job(spec("sleep"), name="sleep")  # prints once, then sleeps ten minutes
+    proc = workers.start()
+    pids_file = workers.tmp / "artifacts" / job.id / "pids.json"
+    wait_for(pids_file.exists, timeout=60)
+    pids = json.loads(pids_file.read_text())
+    assert alive(pids["pid"]) and alive(pids["child"])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    # the job and what it started (a child that ignores SIGTERM) are not left beside the next attempt
+    wait_for(lambda: not alive(pids["pid"]) and not alive(pids["child"]), timeout=5)
+
+
+def test_cancel_stops_a_worker_process_job_within_10_s(workers: Workers) -> None:
+    store = workers.store
+    job = store.create_job(spec("sleep"), name="sleep")
+    workers.start()
+    pids_file = workers.tmp / "artifacts" / job.id / "pids.json"
+    wait_for(pids_file.exists, timeout=60)
+    pids = json.loads(pids_file.read_text())
+    store.request_cancel(job.id)
+    took = wait_for(lambda: store.get_job(job.id).status == JobStatus.CANCELLED, timeout=10)
+    assert took < 10 and not alive(pids["pid"]) and not alive(pids["child"])  # the whole process group
