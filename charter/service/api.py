@@ -132,6 +132,7 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 router = APIRouter()
 SSE_POLL_S = 0.5
+MAX_ID = 2**63 - 1  # event ids are 64-bit integers in every database
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -222,9 +223,9 @@ def read_events(
     request: Request,
     store: StoreDep,
     principal: PrincipalDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None,
 ) -> Any:
     """A job's events with id > after, oldest first: a JSON page, or with `Accept: text/event-stream`
     a Server-Sent Events stream that follows the job until it ends (resumable with Last-Event-ID)."""

@@ -66,15 +66,19 @@ def resolve(job_dir: Path, job_id: str, name: str, names: dict[str, PurePosixPat
     rel = names.get(name)
     if rel is None:
         given = PurePosixPath(name)
-        if given.is_absolute() or ".." in given.parts or "\\" in name:
-            raise ArtifactRefused(name)
+        if given.is_absolute() or ".." in given.parts or "\\" in name or "\0" in name:
+            raise ArtifactRefused(name[:200])
         rel = given
     root = job_dir.resolve()
-    path = (job_dir / rel).resolve()
-    if not path.is_relative_to(root):  # a symlink somewhere along the way leads out
-        raise ArtifactRefused(name)
-    if not path.exists():
-        raise ArtifactNotFound(job_id, name, " on disk" if name in names else "")
+    try:
+        path = (job_dir / rel).resolve()
+        if not path.is_relative_to(root):  # a symlink somewhere along the way leads out
+            raise ArtifactRefused(name)
+        found = path.exists()
+    except OSError:  # a name too long for the filesystem, a loop of symlinks
+        found = False
+    if not found:
+        raise ArtifactNotFound(job_id, name[:200], " on disk" if name in names else "")
     return path
 
 

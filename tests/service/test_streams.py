@@ -102,6 +102,9 @@ def test_sse_follows_a_job_to_its_end_and_resumes_from_last_event_id(live: Live)
     assert status == 204  # finished and nothing after: EventSource stops reconnecting
     status, frames = sse(f"{live.url}/v1/jobs/{job.id}/events?after={ids[-2]}")
     assert [int(f["id"]) for f in frames[:-1]] == ids[-1:]
+    for bad in ("x", "-1", str(2**64)):
+        status, _ = sse(f"{live.url}/v1/jobs/{job.id}/events", {"Last-Event-ID": bad})
+        assert status == 422, bad
 
 
 def test_sse_streams_while_the_job_runs(live: Live) -> None:
@@ -153,6 +156,8 @@ def test_artifacts_list_and_download(live: Live) -> None:
         if r.status_code == 400:
             assert "refused" in r.json()["detail"]
     assert httpx.get(f"{base}/leak").status_code == 400
+    assert httpx.get(f"{base}/a%00b").status_code == 400  # a NUL byte
+    assert httpx.get(f"{base}/{'x' * 5000}").status_code == 404  # longer than a file name may be
     assert httpx.get(f"{base}/%2Fetc%2Fpasswd").status_code == 400
     missing = httpx.get(f"{base}/nothing-here")
     assert missing.status_code == 404 and "GET /v1/jobs" in missing.json()["detail"]
