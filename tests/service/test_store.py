@@ -195,3 +195,20 @@ def test_workers_take_only_jobs_whose_labels_they_all_have(store: JobStore) -> N
     assert store.claim("small-gpu", ["gpu"]).id == gpu.id
     assert store.claim("small-gpu", ["gpu"]) is None
     assert store.claim("big-gpu", ["gpu", "a100", "fast"]).id == both.id
+
+
+def test_a_scope_hides_other_tenants_jobs(store: JobStore) -> None:
+    mine = store.create_job(spec("a"), name="a", tenant="team-a")
+    theirs = store.create_job(spec("b"), name="b", tenant="team-b")
+    assert [j.id for j in store.list_jobs(10, scope="team-a")] == [mine.id]
+    assert {j.id for j in store.list_jobs(10)} == {mine.id, theirs.id}  # no scope: an admin, or the worker
+    assert store.get_job(mine.id, "team-a").tenant == "team-a"
+    for call in (
+        lambda: store.get_job(theirs.id, "team-a"),
+        lambda: store.events(theirs.id, scope="team-a"),
+        lambda: store.request_cancel(theirs.id, "team-a"),
+    ):
+        with pytest.raises(JobNotFound, match=theirs.id):
+            call()
+    assert store.get_job(theirs.id).status == JobStatus.QUEUED
+    assert store.count_by_status() == {JobStatus.QUEUED: 2}
