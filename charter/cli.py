@@ -4,8 +4,11 @@
     charter serve                         # API + embedded worker on http://127.0.0.1:8400
     charter submit job.yaml --wait        # queue a job and follow it to its end
     charter jobs list | show ID | cancel ID | events ID
+    charter keys create --name NAME [--tenant T] [--admin] | list | revoke ID|NAME
 
-Client commands talk HTTP to --url (default: $CHARTER_URL, else CHARTER_HOST:CHARTER_PORT).
+Client commands talk HTTP to --url (default: $CHARTER_URL, else CHARTER_HOST:CHARTER_PORT)
+and send $CHARTER_API_KEY as a Bearer key. `keys` commands work on the database directly
+(DATABASE_URL): they are how an operator makes the first key.
 Heavy modules (uvicorn, the ML side) are imported inside the command that needs them.
 """
 
@@ -177,7 +180,7 @@ def _url(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace) -> Any:
     from charter.service.client import Client
 
-    return Client(_url(args))
+    return Client(_url(args), api_key=os.environ.get("CHARTER_API_KEY") or None)
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -195,37 +198,52 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+    import dataclasses
 
     import uvicorn
 
     from charter.service.api import build_app
     from charter.service.db import upgrade
+    from charter.service.logs import setup_logging
 
     settings = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The address it really binds decides whether it may run without API keys.
+    settings = dataclasses.replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+    settings.check_auth()
+    setup_logging(settings.log_format)
     upgrade(settings.database_url)
     app = build_app(settings, start_worker=not args.no_worker)
-    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    import logging
+def run_worker(settings: Settings, job_command: Any = None) -> int:
+    """What `charter worker` runs: claim and run jobs until SIGTERM or SIGINT, then hand the running job back."""
     import threading
 
     from charter.service.db import upgrade
+    from charter.service.logs import setup_logging
     from charter.service.store import JobStore
     from charter.service.worker import Worker
 
-    settings = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_format)
     upgrade(settings.database_url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish cleanly: the running job goes back to the queue
         signal.signal(sig, lambda *_: stop.set())
-    Worker(JobStore.from_settings(settings), settings).run_forever(stop)
+    Worker(JobStore.from_settings(settings), settings, job_command=job_command).run_forever(stop)
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from charter.settings import parse_labels
+
+    settings = Settings.from_env()
+    if args.labels is not None:
+        settings = dataclasses.replace(settings, worker_labels=parse_labels(args.labels, "--labels"))
+    return run_worker(settings)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -286,6 +304,52 @@ def cmd_jobs_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys() -> Any:
+    from charter.service.db import make_engine, upgrade
+    from charter.service.keys import KeyStore
+
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    return KeyStore(make_engine(settings.database_url))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key, token = _keys().create(args.name, tenant=args.tenant, admin=args.admin)
+    print(token)
+    role = "admin (sees every tenant)" if key.admin else f"tenant {key.tenant}"
+    print(f"key {key.id} ({key.name}, {role}); shown once, only its hash is stored", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = [
+        {
+            "id": k.id,
+            "name": k.name,
+            "tenant": k.tenant,
+            "admin": k.admin,
+            "created_at": k.created_at.isoformat(),
+            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        }
+        for k in _keys().list()
+    ]
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    print(f"{'ID':<14}{'TENANT':<16}{'ADMIN':<7}{'CREATED':<21}{'STATE':<9}NAME")
+    for k in keys:
+        state = "revoked" if k["revoked_at"] else "active"
+        created = k["created_at"][:19].replace("T", " ")
+        print(f"{k['id']:<14}{k['tenant']:<16}{'yes' if k['admin'] else 'no':<7}{created:<21}{state:<9}{k['name']}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    for key in _keys().revoke(args.key):
+        print(f"revoked {key.id} ({key.name})")
+    return 0
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     import charter.models
 
@@ -317,7 +381,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"preparing {DEMO_MODEL} …", flush=True)
     print(f"  ready: {charter.models.prepare(DEMO_MODEL)}", flush=True)
     server = None
-    with Client(f"http://{_connect_host(settings.host)}:{port}") as client:
+    with Client(f"http://{_connect_host(settings.host)}:{port}", os.environ.get("CHARTER_API_KEY") or None) as client:
         try:
             try:
                 client.health()
@@ -399,11 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (default: $CHARTER_PORT or 8400)")
     p.add_argument("--no-worker", action="store_true", help="serve the API only; run `charter worker` elsewhere")
 
-    command(
+    p = command(
         sub,
         "worker",
         "Run a standalone worker: claims queued jobs and runs them (SIGTERM stops it cleanly).",
         cmd_worker,
+    )
+    p.add_argument(
+        "--labels",
+        metavar="L1,L2",
+        help="take only jobs whose resources.labels this worker all has, e.g. gpu (default: $CHARTER_WORKER_LABELS); "
+        "jobs without labels run anywhere",
     )
 
     p = command(sub, "submit", "Submit a job spec (YAML or JSON file) and print the job id.", cmd_submit, [url])
@@ -430,6 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", help="the job id (job-…)")
     p.add_argument("--after", type=int, default=0, help="only events with an id above N", metavar="N")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    keys = sub.add_parser(
+        "keys",
+        help="Make, list and revoke API keys (works on the database: DATABASE_URL).",
+        description="Make, list and revoke API keys (works on the database: DATABASE_URL).",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    p = command(ksub, "create", "Make an API key and print it (shown once; only its hash is stored).", cmd_keys_create)
+    p.add_argument("--name", required=True, help="who or what uses the key, e.g. alice or ci")
+    p.add_argument("--tenant", default="default", help="the tenant whose jobs the key sees (default: default)")
+    p.add_argument("--admin", action="store_true", help="the key sees and cancels every tenant's jobs")
+    p = command(
+        ksub, "list", "List API keys (id, tenant, admin, state, name); never the keys themselves.", cmd_keys_list
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = command(ksub, "revoke", "Revoke a key by id, or every active key with this name.", cmd_keys_revoke)
+    p.add_argument("key", metavar="ID|NAME", help="the key's id (from `charter keys list`) or name")
 
     models = sub.add_parser(
         "models",

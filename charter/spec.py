@@ -16,9 +16,9 @@ need the outside world (does the model exist, does TRL accept `train.args`) live
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 
 class _Strict(BaseModel):
@@ -112,6 +112,15 @@ class EvaluateSpec(_Strict):
     max_new_tokens: int = Field(64, ge=8, le=4096, description="Token budget of each evaluation answer.")
 
 
+class ResourcesSpec(_Strict):
+    labels: list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,40}$")]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Worker labels the job needs, e.g. [gpu]: only a worker started with all of them "
+        "(`charter worker --labels gpu`) takes it.",
+    )
+
+
 class JobSpec(_Strict):
     name: str = Field(min_length=1, max_length=200)
     policy: PolicySpec
@@ -121,6 +130,7 @@ class JobSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec
     evaluate: EvaluateSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @property
     def judge_model(self) -> str:

@@ -3,10 +3,12 @@ worker starting a real vLLM server for the tiny judge, a real job from submit to
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -122,6 +124,20 @@ def test_tiny_job_end_to_end_through_rest(service):
         assert m["job_id"] == job["id"] and m["constitution"]["sha256"]
         assert m["judge"]["engine"].startswith("vllm ")
     assert json.loads((workdir / "label" / "manifest.json").read_text())["parents"] == ["generate"]
+
+    # The same job's artifacts and events as a client elsewhere gets them: over HTTP.
+    listed = {a["name"]: a for a in httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts", timeout=10).json()["data"]}
+    assert {"dataset_jsonl", "adapter", "plot", "report", "log"} <= set(listed) and listed["adapter"]["kind"] == "dir"
+    r = httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts/adapter", timeout=60)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        assert tar.extractfile("adapter/adapter_config.json").read() == (adapter / "adapter_config.json").read_bytes()
+    r = httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts/dataset_jsonl", timeout=10)
+    assert [json.loads(x) for x in r.text.splitlines()] == pairs
+    with httpx.stream(
+        "GET", f"{base}/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}, timeout=30
+    ) as stream:
+        ids = [int(line[4:]) for line in stream.iter_lines() if line.startswith("id: ")]
+    assert ids == [e["id"] for e in events]
 
 
 def test_bad_requests_are_422_and_the_service_keeps_serving(service):

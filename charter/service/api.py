@@ -10,20 +10,28 @@ on `app.state`. Routes stay thin; every error becomes an HTTP status in `_handle
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 import charter
 from charter.errors import CharterError, SpecError
-from charter.service.db import Event, Job, JobStatus, upgrade
+from charter.service import artifacts
+from charter.service.auth import PrincipalDep
+from charter.service.db import Event, Job, JobStatus, schema_status, upgrade
+from charter.service.keys import KeyStore
+from charter.service.middleware import AccessLog, BodyLimit
 from charter.service.store import JobStore
 from charter.service.worker import Worker
 from charter.settings import Settings
@@ -51,6 +59,7 @@ JobCreate = Annotated[
 class JobPublic(BaseModel):
     id: str
     name: str
+    tenant: str
     status: JobStatus
     stage: str | None
     progress: dict[str, Any] | None
@@ -96,6 +105,18 @@ class EventsPublic(BaseModel):
     last_id: int  # pass it back as `after` to get the next events
 
 
+class ArtifactPublic(BaseModel):
+    name: str  # download with GET /v1/jobs/{id}/artifacts/{name}
+    kind: Literal["file", "dir"]  # a dir downloads as a .tar
+    bytes: int
+    path: str  # inside the job's folder
+
+
+class ArtifactsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactPublic]
+
+
 # -- routes -------------------------------------------------------------------------
 
 
@@ -103,8 +124,16 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 router = APIRouter()
+SSE_POLL_S = 0.5
+MAX_ID = 2**63 - 1  # event ids are 64-bit integers in every database
+SSE_KEEPALIVE_S = 15.0
 
 
 @router.get("/healthz")
@@ -113,51 +142,177 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/readyz", responses={503: {"description": "database unreachable or its schema not at head"}})
+def readyz(store: StoreDep) -> JSONResponse:
+    """The service can serve: the database answers and its schema is the newest."""
+    try:
+        current, heads = schema_status(store.engine)
+    except Exception as exc:
+        return JSONResponse(
+            {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}: {exc}"[:500]}, status_code=503
+        )
+    if current != heads:
+        got, want = ",".join(sorted(current)) or "empty", ",".join(sorted(heads))
+        return JSONResponse(
+            {
+                "status": "unavailable",
+                "database": "ok",
+                "migrations": f"the schema is at {got}, charter needs {want}; start `charter serve` or run `alembic upgrade head`",
+            },
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok", "database": "ok", "migrations": ",".join(sorted(current))})
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: jobs by status, stage durations, queue wait, tokens/s."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    collector = request.app.state.metrics
+    collector.update()
+    return Response(generate_latest(collector.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 # A plain def: validation may block for seconds (TRL's parser), so it runs in the threadpool.
-@router.post("/v1/jobs", status_code=201)
-def create_job(raw: JobCreate, store: StoreDep, request: Request) -> JobPublic:
-    """Validate a job spec and queue the job."""
+@router.post(
+    "/v1/jobs",
+    status_code=201,
+    responses={413: {"description": "body too large"}, 429: {"description": "too many jobs queued"}},
+)
+def create_job(raw: JobCreate, store: StoreDep, settings: SettingsDep, principal: PrincipalDep) -> JobPublic:
+    """Validate a job spec and queue the job for the caller's tenant."""
     from charter.validation import validate_job_spec
 
-    spec = validate_job_spec(raw, request.app.state.settings)
-    return JobPublic.of(store.create_job(spec.model_dump(mode="json"), name=spec.name))
+    spec = validate_job_spec(raw, settings)
+    job = store.create_job(
+        spec.model_dump(mode="json"),
+        name=spec.name,
+        tenant=principal.tenant,
+        labels=spec.resources.labels,
+        max_queued=settings.max_queued_jobs,
+    )
+    return JobPublic.of(job)
 
 
 @router.get("/v1/jobs")
 def read_jobs(
     store: StoreDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     status: JobStatus | None = None,
 ) -> JobsPublic:
-    """List jobs, newest first."""
-    jobs = [JobPublic.of(job) for job in store.list_jobs(limit, status)]
+    """List the tenant's jobs (an admin: everyone's), newest first."""
+    jobs = [JobPublic.of(job) for job in store.list_jobs(limit, status, principal.scope)]
     return JobsPublic(data=jobs, count=len(jobs))
 
 
 @router.get("/v1/jobs/{job_id}")
-def read_job(job_id: str, store: StoreDep) -> JobPublic:
+def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPublic:
     """One job, with its report and artifacts once it succeeded."""
-    return JobPublic.of(store.get_job(job_id))
+    return JobPublic.of(store.get_job(job_id, principal.scope))
 
 
-@router.get("/v1/jobs/{job_id}/events")
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_model=EventsPublic,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON pages, or SSE when asked"}},
+)
 def read_events(
     job_id: str,
+    request: Request,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    principal: PrincipalDep,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventsPublic:
-    """A job's events with id > after, oldest first."""
-    events: list[Event] = store.events(job_id, after, limit)
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None,
+) -> Any:
+    """A job's events with id > after, oldest first: a JSON page, or with `Accept: text/event-stream`
+    a Server-Sent Events stream that follows the job until it ends (resumable with Last-Event-ID)."""
+    if "text/event-stream" in request.headers.get("accept", ""):
+        job = store.get_job(job_id, principal.scope)
+        start = last_event_id if last_event_id is not None else after
+        if job.status.finished and not store.events(job_id, start, 1):
+            return Response(status_code=204)  # nothing more will come: tells EventSource not to reconnect
+        return StreamingResponse(
+            _event_stream(store, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    events: list[Event] = store.events(job_id, after, limit, principal.scope)
     return EventsPublic(
         data=[EventPublic.model_validate(e) for e in events], last_id=events[-1].id if events else after
     )
 
 
+async def _event_stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
+    """SSE frames (id = event id, event = type, data = the event's JSON) until the job has ended."""
+    yield "retry: 2000\n\n"
+    last_sent = time.monotonic()
+    while True:
+        job = await run_in_threadpool(store.get_job, job_id)  # read first: no event of a finished job is missed
+        while True:
+            events = await run_in_threadpool(store.events, job_id, after, 500)
+            for e in events:
+                after = e.id
+                yield f"id: {e.id}\nevent: {e.type}\ndata: {EventPublic.model_validate(e).model_dump_json()}\n\n"
+                last_sent = time.monotonic()
+            if len(events) < 500:
+                break
+        if job.status.finished:
+            yield f"event: end\ndata: {JobPublic.of(job).model_dump_json(include={'id', 'status', 'error'})}\n\n"
+            return
+        if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(SSE_POLL_S)
+
+
 @router.post("/v1/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, store: StoreDep) -> JobPublic:
+def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPublic:
     """Cancel a queued job now, or ask a running job's worker to stop it."""
-    return JobPublic.of(store.request_cancel(job_id))
+    return JobPublic.of(store.request_cancel(job_id, principal.scope))
+
+
+def _artifact_names(store: JobStore, job: Job) -> dict[str, Any]:
+    announced: dict[str, str] = {}
+    if not job.result:  # still running: what its artifact events announced so far
+        after = 0
+        while page := store.events(job.id, after, 1000):
+            after = page[-1].id
+            announced |= {e.data["name"]: e.data["path"] for e in page if e.type == "artifact" and "path" in e.data}
+    return artifacts.named(job.id, job.result, announced)
+
+
+@router.get("/v1/jobs/{job_id}/artifacts")
+def read_artifacts(job_id: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep) -> ArtifactsPublic:
+    """The job's artifacts on disk: datasets, adapter or model, plot, report, log."""
+    job = store.get_job(job_id, principal.scope)
+    listed = artifacts.describe(settings.artifact_root / job.id, _artifact_names(store, job))
+    return ArtifactsPublic(data=[ArtifactPublic(**a) for a in listed])
+
+
+MEDIA_TYPES = {".jsonl": "application/jsonl", ".log": "text/plain", ".yaml": "application/yaml"}
+
+
+@router.get(
+    "/v1/jobs/{job_id}/artifacts/{name:path}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}},
+)
+def read_artifact(job_id: str, name: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep) -> Response:
+    """One artifact, by name or by relative path inside the job's folder: a file as it is, a folder as a .tar."""
+    job = store.get_job(job_id, principal.scope)
+    path = artifacts.resolve(settings.artifact_root / job.id, job.id, name, _artifact_names(store, job))
+    if path.is_dir():
+        arcname = Path(name).name or job.id
+        return StreamingResponse(
+            artifacts.stream_tar(path, arcname),
+            media_type="application/x-tar",
+            headers={"Content-Disposition": f'attachment; filename="{arcname}.tar"'},
+        )
+    media = MEDIA_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=path.name)
 
 
 # -- errors: the one place they become HTTP ------------------------------------------
@@ -166,7 +321,7 @@ def cancel_job(job_id: str, store: StoreDep) -> JobPublic:
 def _charter_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CharterError)
     detail: Any = exc.errors if isinstance(exc, SpecError) else str(exc)
-    return JSONResponse({"detail": detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -201,7 +356,13 @@ def _readable(err: Any) -> dict[str, Any]:
 
 
 def build_app(settings: Settings, *, start_worker: bool) -> FastAPI:
-    """The API; with `start_worker`, a worker thread runs jobs inside this process too."""
+    """The API; with `start_worker`, a worker thread runs jobs inside this process too.
+
+    Refuses (SettingsError) to serve without API keys on anything but a loopback address.
+    """
+    from charter.service.metrics import StoreMetrics  # prometheus_client: loaded by an app, not by the CLI
+
+    settings.check_auth()
     store = JobStore.from_settings(settings)
 
     @asynccontextmanager
@@ -231,10 +392,14 @@ def build_app(settings: Settings, *, start_worker: bool) -> FastAPI:
         title="charter", version=charter.__version__, summary="Constitutional AI post-training jobs.", lifespan=lifespan
     )
     app.state.store, app.state.settings = store, settings
+    app.state.keys, app.state.metrics = KeyStore(store.engine), StoreMetrics(store)
     app.state.worker_stop, app.state.worker_thread = None, None
     app.include_router(router)
     app.add_exception_handler(CharterError, _charter_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    uploads = [("/v1/files", settings.max_upload_bytes, "CHARTER_MAX_UPLOAD_BYTES")]
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="CHARTER_MAX_BODY_BYTES", overrides=uploads)
+    app.add_middleware(AccessLog)
     return app
 
 

@@ -85,10 +85,16 @@ StatusType = sa.Enum(
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (sa.Index("ix_jobs_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+        sa.Index("ix_jobs_tenant_status", "tenant", "status"),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_job_id)
     name: Mapped[str] = mapped_column(sa.String(200))
+    tenant: Mapped[str] = mapped_column(sa.String(100), default="default", server_default="default")
+    # The worker labels the job needs (spec resources.labels), sorted and comma-joined; "" for any worker.
+    labels: Mapped[str] = mapped_column(sa.String(200), default="", server_default="")
     status: Mapped[JobStatus] = mapped_column(StatusType, default=JobStatus.QUEUED)
     spec: Mapped[dict[str, Any]]
     stage: Mapped[str | None] = mapped_column(sa.String(64))
@@ -113,6 +119,20 @@ class Event(Base):
     level: Mapped[str] = mapped_column(sa.String(16))  # info | warning | error
     type: Mapped[str] = mapped_column(sa.String(16))  # stage | metrics | message | artifact
     data: Mapped[dict[str, Any]]
+
+
+class ApiKey(Base):
+    """An API key: only the sha256 of the token is kept; the token is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # also inside the token: chk_<id>_<secret>
+    name: Mapped[str] = mapped_column(sa.String(200))
+    tenant: Mapped[str] = mapped_column(sa.String(100))
+    admin: Mapped[bool] = mapped_column(default=False)
+    hash: Mapped[str] = mapped_column(sa.String(64))  # sha256 hex of the whole token
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
 
 
 def make_engine(database_url: str) -> Engine:
@@ -153,14 +173,30 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def _script_config() -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def schema_status(engine: Engine) -> tuple[set[str], set[str]]:
+    """(the database's migration revisions, the newest ones charter ships); equal when up to date."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(_script_config()).get_heads())
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads()), heads
+
+
 def upgrade(database_url: str | Engine) -> None:
     """Bring the database to the newest schema (`alembic upgrade head`); safe to run concurrently."""
     from alembic import command
-    from alembic.config import Config
 
     engine = database_url if isinstance(database_url, Engine) else make_engine(database_url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg = _script_config()
     try:
         # Alembic's `context` is one global per process, so threads take turns; processes are
         # kept apart by the database (SQLite's write lock, a Postgres advisory lock).

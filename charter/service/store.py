@@ -9,7 +9,8 @@ and the write raises LeaseLost, so a stale worker cannot overwrite the new one's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -32,6 +33,19 @@ class JobNotFound(CharterError):
 
     def __init__(self, job_id: str):
         super().__init__(f"job {job_id} not found; list jobs with GET /v1/jobs")
+
+
+class TooManyQueued(CharterError):
+    """The tenant already has as many jobs queued as CHARTER_MAX_QUEUED_JOBS allows."""
+
+    status_code = 429
+    headers = {"Retry-After": "30"}
+
+    def __init__(self, tenant: str, limit: int):
+        super().__init__(
+            f"tenant {tenant} already has {limit} jobs queued, the limit (CHARTER_MAX_QUEUED_JOBS={limit}); "
+            "wait until some have started, or cancel some"
+        )
 
 
 class JobFinished(CharterError):
@@ -75,25 +89,51 @@ class JobStore:
             yield session
 
     # -- jobs, as the API sees them --------------------------------------------------
+    # `scope` is the caller's tenant (None: an admin, or the worker): another tenant's job
+    # raises JobNotFound, the same error as a missing one, so ids of others leak nothing.
 
-    def create_job(self, spec: dict[str, Any], name: str) -> Job:
+    def create_job(
+        self,
+        spec: dict[str, Any],
+        name: str,
+        tenant: str = "default",
+        labels: Sequence[str] = (),
+        max_queued: int | None = None,
+    ) -> Job:
+        """Queue a job; refused (TooManyQueued) when its tenant already has `max_queued` jobs queued."""
         with self._session(write=True) as s:
-            job = Job(name=name, spec=spec, status=JobStatus.QUEUED, attempt=0)
+            if max_queued is not None:
+                if s.get_bind().dialect.name == "postgresql":  # two submits of one tenant count in turn
+                    s.execute(sa.text("SELECT pg_advisory_xact_lock(8401, hashtext(:t))"), {"t": tenant})
+                queued = s.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(Job)
+                    .where(Job.tenant == tenant, Job.status == JobStatus.QUEUED)
+                )
+                if (queued or 0) >= max_queued:
+                    raise TooManyQueued(tenant, max_queued)
+            job = Job(
+                name=name,
+                spec=spec,
+                status=JobStatus.QUEUED,
+                attempt=0,
+                tenant=tenant,
+                labels=",".join(sorted(set(labels))),
+            )
             s.add(job)
             s.flush()
             return job
 
-    def get_job(self, job_id: str) -> Job:
+    def get_job(self, job_id: str, scope: str | None = None) -> Job:
         with self._session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            return job
+            return self._visible(s.get(Job, job_id), job_id, scope)
 
-    def list_jobs(self, limit: int = 50, status: JobStatus | None = None) -> list[Job]:
+    def list_jobs(self, limit: int = 50, status: JobStatus | None = None, scope: str | None = None) -> list[Job]:
         query = sa.select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         if status is not None:
             query = query.where(Job.status == status)
+        if scope is not None:
+            query = query.where(Job.tenant == scope)
         with self._session() as s:
             return list(s.scalars(query))
 
@@ -101,9 +141,14 @@ class JobStore:
         with self._session() as s:
             return s.scalar(sa.select(sa.func.count()).select_from(Job)) or 0
 
-    def request_cancel(self, job_id: str) -> Job:
+    def count_by_status(self) -> dict[JobStatus, int]:
+        with self._session() as s:
+            rows = s.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all()
+        return {status: count for status, count in rows}
+
+    def request_cancel(self, job_id: str, scope: str | None = None) -> Job:
         with self._session(write=True) as s:
-            job = self._lock(s, job_id)
+            job = self._visible(self._lock(s, job_id), job_id, scope)
             if job.status.finished:
                 raise JobFinished(job)
             if job.status == JobStatus.QUEUED:
@@ -113,6 +158,12 @@ class JobStore:
             elif job.status == JobStatus.RUNNING:
                 job.status = JobStatus.CANCELLING
             return job
+
+    @staticmethod
+    def _visible(job: Job | None, job_id: str, scope: str | None) -> Job:
+        if job is None or (scope is not None and job.tenant != scope):
+            raise JobNotFound(job_id)
+        return job
 
     # -- events ---------------------------------------------------------------------
 
@@ -137,22 +188,38 @@ class JobStore:
             s.flush()
             return event.id
 
-    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[Event]:
+    def events(self, job_id: str, after: int = 0, limit: int = 100, scope: str | None = None) -> list[Event]:
         query = sa.select(Event).where(Event.job_id == job_id, Event.id > after).order_by(Event.id).limit(limit)
         with self._session() as s:
-            if s.get(Job, job_id) is None:
-                raise JobNotFound(job_id)
+            self._visible(s.get(Job, job_id), job_id, scope)
+            return list(s.scalars(query))
+
+    def events_since(self, after: int, types: Sequence[str], before: Any, limit: int = 5000) -> list[Event]:
+        """Events of every job with id > after and time < before, oldest first (for /metrics)."""
+        query = (
+            sa.select(Event)
+            .where(Event.id > after, Event.type.in_(types), Event.time < before)
+            .order_by(Event.id)
+            .limit(limit)
+        )
+        with self._session() as s:
             return list(s.scalars(query))
 
     # -- leases, as the worker sees them --------------------------------------------
 
-    def claim(self, worker_id: str) -> Job | None:
-        """Take the oldest queued job, or a running job whose worker stopped heartbeating."""
+    def claim(self, worker_id: str, labels: Sequence[str] = ()) -> Job | None:
+        """Take the oldest queued job, or a running job whose worker stopped heartbeating.
+
+        Only jobs whose labels this worker all has: a job's labels are stored sorted and
+        comma-joined, so they must equal one of the subsets of the worker's (at most 2^8).
+        """
         now = utcnow()
         expired = sa.and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        labels = sorted(set(labels))
+        subsets = [",".join(c) for n in range(len(labels) + 1) for c in itertools.combinations(labels, n)]
         query = (
             sa.select(Job)
-            .where(sa.or_(Job.status == JobStatus.QUEUED, expired))
+            .where(sa.or_(Job.status == JobStatus.QUEUED, expired), Job.labels.in_(subsets))
             .order_by(Job.created_at, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)  # Postgres; SQLite already holds its write lock

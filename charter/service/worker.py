@@ -4,7 +4,8 @@
     worker.run_forever(stop_event)        # `charter worker`, or a thread inside `charter serve`
 
 One subprocess per job (`python -m charter.pipelines.run --spec … --workdir …`, in its own
-process group), so an OOM or a CUDA crash takes down that job, never the worker. The job
+process group, led by charter.service.jobguard, which ends the group if the worker dies), so
+an OOM or a CUDA crash takes down that job, never the worker. The job
 reports on stdout: a line `@@event {"type": …, "level": …, "data": {…}}` is an event, every
 other line goes to `<workdir>/job.log`. While it runs, the worker renews its lease every
 ≤2 s and acts on what the store says: a requested cancel kills the process group.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from charter.service.db import Job, JobStatus
+from charter.service.logs import job_logger
 from charter.service.store import JobStore, LeaseLost
 from charter.settings import Settings
 
@@ -50,9 +52,12 @@ class Worker:
         settings: Settings,
         worker_id: str | None = None,
         job_command: JobCommand | None = None,
+        labels: tuple[str, ...] | None = None,
     ):
         self.store = store
         self.settings = settings
+        # It takes only jobs whose resources.labels it all has (CHARTER_WORKER_LABELS, --labels).
+        self.labels = settings.worker_labels if labels is None else labels
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.job_command = job_command
         self._stop = threading.Event()
@@ -61,11 +66,11 @@ class Worker:
     def run_forever(self, stop_event: threading.Event) -> None:
         """Claim and run jobs until `stop_event` is set; a running job is then put back in the queue."""
         self._stop = stop_event
-        log.info("worker %s started", self.worker_id)
+        log.info("worker %s started (labels: %s)", self.worker_id, ",".join(self.labels) or "none")
         try:
             while not stop_event.is_set():
                 try:
-                    job = self.store.claim(self.worker_id)
+                    job = self.store.claim(self.worker_id, self.labels)
                 except Exception:
                     log.exception("claiming a job failed; trying again in a second")
                     job = None
@@ -87,11 +92,11 @@ class Worker:
         try:
             return _JobRun(self, job).run()
         except Exception as exc:  # a bug here must not take the worker down with the job
-            log.exception("worker error while running %s", job.id)
+            log.exception("worker error while running %s", job.id, extra={"job_id": job.id})
             try:
                 self.store.finish(job.id, self.worker_id, job.attempt, JobStatus.FAILED, error=f"worker error: {exc!r}")
             except Exception:
-                log.exception("could not record the failure of %s", job.id)
+                log.exception("could not record the failure of %s", job.id, extra={"job_id": job.id})
             return JobStatus.FAILED
 
     def _command(self, job: Job, spec_path: Path, workdir: Path) -> tuple[list[str], dict[str, str]]:
@@ -119,6 +124,7 @@ class _JobRun:
 
     def __init__(self, worker: Worker, job: Job):
         self.worker, self.store, self.job = worker, worker.store, job
+        self.log = job_logger(log, job.id)
         self.attempt = job.attempt
         self.workdir = worker.settings.artifact_root / job.id
         self.lost = False  # the lease went to another worker: stop writing, stop the process
@@ -132,7 +138,11 @@ class _JobRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(json.dumps(self.job.spec, indent=2))
-        self.note(f"attempt {self.attempt} started on worker {self.worker.worker_id}")
+        start = {"attempt": self.attempt, "worker": self.worker.worker_id}
+        if self.attempt == 1 and self.job.started_at is not None:  # read by /metrics (queue wait)
+            start["queued_s"] = round((self.job.started_at - self.job.created_at).total_seconds(), 3)
+        self.note(f"attempt {self.attempt} started on worker {self.worker.worker_id}", **start)
+        self.log.info("%s attempt %d started", self.job.id, self.attempt)
         # Heartbeats run from the claim on: starting the job's vLLM servers alone can outlast a lease.
         beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.job.id}", daemon=True)
         beat.start()
@@ -146,7 +156,7 @@ class _JobRun:
         try:
             cmd, env = self.worker._command(self.job, spec_path, self.workdir)
         except Exception as exc:
-            log.exception("preparing %s failed", self.job.id)
+            self.log.exception("preparing %s failed", self.job.id)
             return self.finish(JobStatus.FAILED, error=f"could not start the job: {exc}")
         if (reason := self._stop_reason()) is not None:  # asked to stop while the servers started
             return self._conclude(None, reason)
@@ -154,6 +164,8 @@ class _JobRun:
         with open(self.workdir / "job.log", "a", encoding="utf-8") as logfile:
             logfile.write(f"--- attempt {self.attempt}: {' '.join(cmd)}\n")
             logfile.flush()
+            if sys.platform == "linux":  # the guard ends the job's group if this worker dies
+                cmd = [sys.executable, "-m", "charter.service.jobguard", str(os.getpid()), *cmd]
             proc = subprocess.Popen(
                 cmd,
                 start_new_session=True,  # its own process group: a cancel kills everything it started
@@ -182,7 +194,7 @@ class _JobRun:
             except LeaseLost:
                 self.lost = True
             except Exception:  # the database hiccuped; the lease has slack, try again next beat
-                log.warning("heartbeat for %s failed", self.job.id, exc_info=True)
+                self.log.warning("heartbeat for %s failed", self.job.id, exc_info=True)
 
     def _stop_reason(self) -> str | None:
         if self.lost:
@@ -200,13 +212,13 @@ class _JobRun:
             except subprocess.TimeoutExpired:
                 pass
             if (reason := self._stop_reason()) is not None:
-                log.info("stopping %s (%s)", self.job.id, reason)
+                self.log.info("stopping %s (%s)", self.job.id, reason)
                 _kill_group(proc, grace=KILL_GRACE_S)
                 return reason
 
     def _conclude(self, returncode: int | None, outcome: str | None) -> JobStatus | None:
         if outcome == "lost" or self.lost:
-            log.warning("lease on %s lost; leaving the job to its new worker", self.job.id)
+            self.log.warning("lease on %s lost; leaving the job to its new worker", self.job.id)
             return None
         if outcome == "cancel":
             self.note("cancelled by request")
@@ -256,7 +268,7 @@ class _JobRun:
             except LeaseLost:
                 self.lost = True
             except Exception:  # keep draining the pipe whatever happens, or the job blocks on a full one
-                log.warning("handling output of %s failed: %r", self.job.id, line[:200], exc_info=True)
+                self.log.warning("handling output of %s failed: %r", self.job.id, line[:200], exc_info=True)
 
     def _record(self, type: str, level: str, data: dict[str, Any]) -> None:
         if level == "error" and data.get("message"):
@@ -275,10 +287,10 @@ class _JobRun:
     def emit(self, type: str, data: dict[str, Any], level: str = "info") -> None:
         self.store.append_event(self.job.id, type, data, level, attempt=self.attempt)
 
-    def note(self, message: str, level: str = "info") -> None:
+    def note(self, message: str, level: str = "info", **extra: Any) -> None:
         """A message event from the worker itself; a lost lease is noted, not raised."""
         try:
-            self.emit("message", {"message": message}, level)
+            self.emit("message", {"message": message, **extra}, level)
         except LeaseLost:
             self.lost = True
 
@@ -290,9 +302,9 @@ class _JobRun:
         try:
             self.store.finish(self.job.id, self.worker.worker_id, self.attempt, status, error=error, result=result)
         except LeaseLost:
-            log.warning("lease on %s lost before it finished as %s", self.job.id, status.value)
+            self.log.warning("lease on %s lost before it finished as %s", self.job.id, status.value)
             return None
-        log.info("%s %s", self.job.id, status.value)
+        self.log.info("%s %s", self.job.id, status.value)
         return status
 
 

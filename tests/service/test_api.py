@@ -85,8 +85,23 @@ def test_report_and_artifacts_come_from_the_result(client: TestClient) -> None:
     assert shown["finished_at"] is not None and shown["created_at"].endswith("Z")
 
 
+def test_resources_labels_go_with_the_job(client: TestClient) -> None:
+    r = client.post("/v1/jobs", json=spec("gpu-job", resources={"labels": ["gpu"]}))
+    assert r.status_code == 201 and r.json()["spec"]["resources"] == {"labels": ["gpu"]}
+    assert client.app.state.store.get_job(r.json()["id"]).labels == "gpu"
+    bad = client.post("/v1/jobs", json=spec("x", resources={"labels": ["GPU A"]}))
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["resources", "labels", 0]
+
+
 @pytest.mark.parametrize(
-    "method,path", [("GET", "/v1/jobs/{}"), ("GET", "/v1/jobs/{}/events"), ("POST", "/v1/jobs/{}/cancel")]
+    "method,path",
+    [
+        ("GET", "/v1/jobs/{}"),
+        ("GET", "/v1/jobs/{}/events"),
+        ("POST", "/v1/jobs/{}/cancel"),
+        ("GET", "/v1/jobs/{}/artifacts"),
+        ("GET", "/v1/jobs/{}/artifacts/log"),
+    ],
 )
 def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
     r = client.request(method, path.format(MISSING))
