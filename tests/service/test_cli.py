@@ -83,16 +83,14 @@ def test_every_command_has_help() -> None:
 
 def test_the_cli_and_api_modules_import_no_ml_libraries() -> None:
     code = (
-        "import sys, time; t = time.perf_counter(); "
+        "import sys; "
         "import charter.cli, charter.service.api, charter.service.worker, charter.service.client, charter.service.store; "
         "import charter.validation; "
         "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'vllm', 'datasets') if m in sys.modules); "
-        "print(heavy, round(time.perf_counter() - t, 2))"
+        "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    heavy, seconds = out.rsplit(" ", 1)
-    assert heavy == "[]", f"imported at module level: {heavy}"
-    assert float(seconds) < 3.0
+    assert out.strip() == "[]", f"imported at module level: {out}"
 
 
 def test_summary_prints_what_exists_and_survives_what_does_not() -> None:
