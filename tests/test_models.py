@@ -39,3 +39,16 @@ def test_resolve(tmp_path, tiny_model):
         models.resolve("someorg/somemodel")
     with pytest.raises(ModelNotFound, match="choose one of"):
         models.prepare("gpt-9")
+
+
+def test_local_vllm_servers_run_float32_on_cpus_without_bf16(monkeypatch):
+    from charter.pipelines import servers
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert not servers.cpu_has_bf16(avx2) and servers.cpu_has_bf16(sapphire)
+    monkeypatch.setattr(servers, "has_gpu", lambda: False)
+    monkeypatch.setattr(servers, "cpu_has_bf16", lambda: False)
+    assert servers.default_dtype() == "float32"
+    monkeypatch.setattr(servers, "cpu_has_bf16", lambda: True)
+    assert servers.default_dtype() == "auto"

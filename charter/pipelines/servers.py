@@ -44,6 +44,26 @@ def has_gpu() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def default_dtype() -> str:
+    """`--dtype` for a local server: vLLM's `auto` runs a float32 checkpoint in bfloat16 on a
+    CPU, which without native bf16 decoded 2.5x slower than float32 here; so float32 there."""
+    return "auto" if has_gpu() or cpu_has_bf16() else "float32"
+
+
 def healthy(base_url: str) -> bool:
     try:
         with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as r:
@@ -92,7 +112,7 @@ def start_server(
         "--max-model-len",
         str(max_model_len),
         "--dtype",
-        os.environ.get("CHARTER_VLLM_DTYPE", "auto"),
+        os.environ.get("CHARTER_VLLM_DTYPE") or default_dtype(),
         "--disable-uvicorn-access-log",
     ]
     if os.environ.get("CHARTER_VLLM_EAGER", "1" if not has_gpu() else "0") == "1":
