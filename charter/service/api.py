@@ -23,7 +23,10 @@ from pydantic import BaseModel, ConfigDict
 
 import charter
 from charter.errors import CharterError, SpecError
+from charter.service import files, openai_api
+from charter.service.auth import PrincipalDep
 from charter.service.db import Event, Job, JobStatus, upgrade
+from charter.service.files import FileStore
 from charter.service.store import JobStore
 from charter.service.worker import Worker
 from charter.settings import Settings
@@ -115,11 +118,12 @@ def healthz() -> dict[str, str]:
 
 # A plain def: validation may block for seconds (TRL's parser), so it runs in the threadpool.
 @router.post("/v1/jobs", status_code=201)
-def create_job(raw: JobCreate, store: StoreDep, request: Request) -> JobPublic:
+def create_job(raw: JobCreate, store: StoreDep, request: Request, principal: PrincipalDep) -> JobPublic:
     """Validate a job spec and queue the job."""
     from charter.validation import validate_job_spec
 
-    spec = validate_job_spec(raw, request.app.state.settings)
+    uploads = FileStore.of(request)
+    spec = validate_job_spec(raw, request.app.state.settings, lambda file_id: uploads.path(file_id, principal.scope))
     return JobPublic.of(store.create_job(spec.model_dump(mode="json"), name=spec.name))
 
 
@@ -233,6 +237,8 @@ def build_app(settings: Settings, *, start_worker: bool) -> FastAPI:
     app.state.store, app.state.settings = store, settings
     app.state.worker_stop, app.state.worker_thread = None, None
     app.include_router(router)
+    app.include_router(files.router)
+    app.include_router(openai_api.router)
     app.add_exception_handler(CharterError, _charter_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return app
