@@ -106,7 +106,8 @@ def _messages(value: Any, field: str, last_role: str | None = None) -> Messages:
             raise ValueError(f"'{field}[{i}]' must be {{role, content}} with role one of {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
     if last_role and out[-1]["role"] != last_role:
-        raise ValueError(f"'{field}' must end with a {last_role} message, it ends with {out[-1]['role']}")
+        article = "an" if last_role[0] in "aeiou" else "a"
+        raise ValueError(f"'{field}' must end with {article} {last_role} turn, it ends with a {out[-1]['role']} turn")
     return out
 
 
