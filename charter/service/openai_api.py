@@ -54,6 +54,8 @@ DEFAULT_LORA = {"r": 16, "alpha": 32}
 PARAMS = {"dataset.source": "training_file", "policy.model": "model", "name": "suffix", "data.seed": "seed"}
 STATUS = {JobStatus.CANCELLING: "running"}
 LEVEL = {"warning": "warn"}
+# TRL's log keys → the names OpenAI's metrics events and checkpoints use.
+METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy"}
 
 
 # -- the request ------------------------------------------------------------------------
@@ -302,6 +304,7 @@ def job_public(job: Job, trained_tokens: int | None) -> FineTuningJobPublic:
 def event_public(e: Event) -> FineTuningEventPublic:
     d = e.data
     if e.type == "metrics":
+        d = {**d, **{METRIC_NAMES[k]: v for k, v in d.items() if k in METRIC_NAMES}}
         numbers = ", ".join(
             f"{k}={v:.4g}" for k, v in d.items() if k not in ("step", "epoch", "stage") and isinstance(v, float)
         )
@@ -481,7 +484,7 @@ def list_fine_tuning_checkpoints(
     for m in _metrics(store, job.id):
         if isinstance(m.get("step"), int):
             by_step.setdefault(m["step"], {}).update(
-                {("train_loss" if k == "loss" else k): float(v) for k, v in m.items() if isinstance(v, int | float)}
+                {METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, int | float)}
             )
     base = job_public(job, None).fine_tuned_model or f"ft:{job.id}"
     items = [
