@@ -1,11 +1,13 @@
-"""The OpenAI fine-tuning API end to end: the official `openai` SDK against `charter serve`
-(a real uvicorn process with its embedded worker), supervised and dpo jobs on the tiny model
-trained from uploaded files. Dataset-only jobs start no vLLM server, so this takes a minute."""
+"""The clients people use against one live `charter serve` (a real uvicorn process with its
+embedded worker): the official `openai` SDK (supervised and dpo jobs on the tiny model from
+uploaded files), charter.Client and the CLI. Dataset-only jobs start no vLLM server."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
 
 import openai
@@ -41,14 +43,20 @@ def jsonl(rows: list[dict]) -> io.BytesIO:
 
 
 @pytest.fixture(scope="module")
-def sdk(tiny_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("charter-openai")
+def service(tiny_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("charter-clients")
     port = free_port()
     proc = serve(home, port)
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), home
+        yield f"http://127.0.0.1:{port}", home
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def sdk(service):
+    base, home = service
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), home
 
 
 def wait(sdk: openai.OpenAI, job_id: str, timeout_s: float = 600):
@@ -112,3 +120,40 @@ def test_supervised_and_dpo_jobs_through_the_openai_sdk(sdk):
     assert not list((home / "logs").glob("vllm-*"))  # nor any vLLM server
     listed = [j.id for j in client.fine_tuning.jobs.list(limit=10)]
     assert listed[:3] == [extra.id, dpo.id, sft.id]
+
+
+def test_charter_client_and_cli(service, tmp_path, capsys):
+    import charter
+
+    base, home = service
+    data = tmp_path / "sft.jsonl"
+    data.write_bytes(jsonl(SFT).getvalue())
+    out = subprocess.run(
+        [sys.executable, "-m", "charter.cli", "files", "upload", str(data), "--url", base],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    file_id = out.split()[0]
+    assert file_id.startswith("file-") and "(8 rows)" in out
+
+    client = charter.Client(base)
+    job = client.jobs.create(
+        {
+            "name": "client-sft",
+            "policy": {"model": "tiny"},
+            "dataset": {"source": file_id, "limit": 4},
+            "train": {
+                "method": "sft",
+                "lora": {"r": 4, "alpha": 8},
+                "args": {"max_steps": 2, "per_device_train_batch_size": 2},
+            },
+        }
+    )
+    assert job.wait(timeout_s=600).status == "succeeded", job.data["error"]
+    bars = capsys.readouterr().err
+    assert "train" in bars and "2/2" in bars  # the progress bar followed the training steps
+    assert job.report["train"]["steps"] == 2 and "adapter" in job.artifacts
+    frame = job.metrics()
+    assert frame["loss"].notna().sum() == 2 and set(frame["step"].dropna()) >= {1, 2}
+    assert [e["type"] for e in job.events()][0] == "message"
