@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -157,3 +158,21 @@ def test_charter_client_and_cli(service, tmp_path, capsys):
     frame = job.metrics()
     assert frame["loss"].notna().sum() == 2 and set(frame["step"].dropna()) >= {1, 2}
     assert [e["type"] for e in job.events()][0] == "message"
+
+
+def test_quickstart_notebook_runs_top_to_bottom(service, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    base, _ = service
+    monkeypatch.setenv("CHARTER_URL", base)  # the kernel inherits this process's environment
+    nb = nbformat.read(Path(__file__).parents[1] / "examples" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+    outputs = {
+        i: "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in c.outputs)
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+    }
+    text = "\n".join(outputs.values())
+    assert "succeeded" in text and "'kind': 'sft'" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
