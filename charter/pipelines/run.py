@@ -2,7 +2,8 @@
 
     python -m charter.pipelines.run --spec spec.json --workdir ARTIFACT_ROOT/<job>
 
-generate → critique → revise (N rounds) → label → train → evaluate. Each stage writes its
+generate → critique → revise (N rounds) → label → train → evaluate; a spec with `dataset:`
+instead of `prompts:` trains on that dataset and skips the four generation stages. Each stage writes its
 rows and then its manifest; a stage whose manifest exists is skipped, so a job picked up
 again after a crash resumes where it stopped. Progress goes out as `@@event` lines (see
 events.py); the summary and artifact paths go to `result.json`, read by the worker.
@@ -23,6 +24,7 @@ from typing import Any
 
 from charter import constitution as constitutions
 from charter import dataset, models, prompts
+from charter.errors import CharterError
 from charter.pipelines.artifacts import Workdir, write_atomic, write_jsonl
 from charter.pipelines.critique import critique
 from charter.pipelines.engine import Engine
@@ -219,6 +221,12 @@ def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent
     return d
 
 
+def _uploaded(files: Path, file_id: str) -> Path:
+    if not (files / file_id).is_file():
+        raise CharterError(f"uploaded file {file_id} is gone from {files}; was it deleted after the job was submitted?")
+    return files / file_id
+
+
 def _engine_version(url: str) -> str | None:
     import urllib.request
 
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = JobSpec.model_validate(json.loads(ns.spec.read_text()))
         # Uploaded files (file-…) live in ARTIFACT_ROOT/files, beside the job folders.
         files = Path(os.environ.get("CHARTER_FILES_DIR") or ns.workdir.parent / "files")
-        spec = resolve_files(spec, lambda file_id: files / file_id)
+        spec = resolve_files(spec, lambda file_id: _uploaded(files, file_id))
         judge_url = spec.judge.base_url or os.environ.get("CHARTER_JUDGE_URL")
         policy_url = os.environ.get("CHARTER_POLICY_URL") or judge_url
         if not judge_url and spec.needs_servers:

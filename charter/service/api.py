@@ -36,7 +36,7 @@ from charter.settings import Settings
 JobCreate = Annotated[
     dict[str, Any],
     Body(
-        description="A job spec (charter.spec.JobSpec): name, policy, judge, constitution, prompts, data, train, evaluate.",
+        description="A job spec (charter.spec.JobSpec): name, policy, judge, constitution, prompts or dataset, data, train, evaluate.",
         examples=[
             {
                 "name": "harmless-dpo-demo",

@@ -209,7 +209,7 @@ def create_file(
             400, f"purpose {purpose!r} is not supported; use one of {', '.join(PURPOSES)}", "purpose", "invalid_purpose"
         )
     limit = request.app.state.settings.max_upload_bytes
-    filename = Path(file.filename or "upload").name
+    filename = Path(file.filename or "upload").name[-200:] or "upload"
     files.root.mkdir(parents=True, exist_ok=True)
     tmp = files.root / f".tmp-{new_file_id()}"
     try:
