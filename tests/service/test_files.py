@@ -7,6 +7,7 @@ a live server is in test_openai_sdk.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -213,3 +214,35 @@ def test_fine_tuning_list_pages_with_after(sdk: openai.OpenAI) -> None:
     assert rest.data[0].id == made[0]
     seen = [j.id for j in sdk.fine_tuning.jobs.list(limit=2)]  # iterating, the SDK follows `after`
     assert seen[:3] == made[::-1] and len(seen) == len(set(seen))
+
+
+def test_file_store_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> None:
+    from charter.service.files import FileNotFound, FileStore
+
+    from .helpers import make_store
+
+    store = make_store(db_url)  # runs the migrations, the files table's included
+    files = FileStore(store.engine, tmp_path / "files")
+    files.root.mkdir()
+    made = []
+    for i in range(3):
+        src = tmp_path / f"src{i}"
+        src.write_bytes(jsonl(SFT))
+        made.append(files.add(src, tenant="alice", filename=f"{i}.jsonl", purpose="fine-tune", kind="sft", rows=4))
+        assert not src.exists() and (files.root / made[-1].id).read_bytes() == jsonl(SFT)
+    other = tmp_path / "other"
+    other.write_bytes(b"{}")
+    files.add(other, tenant="bob", filename="b.jsonl", purpose="fine-tune", kind="prompts", rows=1)
+
+    newest_first = [f.id for f in files.list("alice", None, 10, None)]
+    assert newest_first == [f.id for f in made[::-1]]
+    assert [f.id for f in files.list("alice", None, 10, newest_first[0])] == newest_first[1:]
+    assert len(files.list(None, None, 10, None)) == 4  # an admin sees both tenants
+    assert files.get(made[0].id, "alice").sha256 == hashlib.sha256(jsonl(SFT)).hexdigest()
+    with pytest.raises(FileNotFound):
+        files.get(made[0].id, "bob")
+    with pytest.raises(FileNotFound):
+        files.delete(made[0].id, "bob")
+    files.delete(made[0].id, "alice")
+    assert not (files.root / made[0].id).exists()
+    store.engine.dispose()
