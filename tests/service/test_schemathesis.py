@@ -6,6 +6,8 @@ app in process (SQLite, the real validator); kept small so the whole run takes s
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from charter.service.api import build_app
 
 from .helpers import make_settings
 
+# The schema is read when the module is collected, so the app (and its folder) exist by then.
 _tmp = Path(tempfile.mkdtemp(prefix="charter-schemathesis-"))
+atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
 app = build_app(make_settings(_tmp, f"sqlite:///{_tmp / 'charter.db'}"), start_worker=False)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 # The coverage phase sends every boundary case of every nested field (hundreds per operation):
