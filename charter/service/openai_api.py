@@ -65,11 +65,15 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Positive = Annotated[float, Field(gt=0)]
+Count = Annotated[int, Field(ge=1)]
+
+
 class Hyperparameters(_Open):
-    n_epochs: int | Literal["auto"] | None = None
-    batch_size: int | Literal["auto"] | None = None
-    learning_rate_multiplier: float | Literal["auto"] | None = None
-    beta: float | Literal["auto"] | None = None  # dpo only
+    n_epochs: Count | Literal["auto"] | None = None
+    batch_size: Count | Literal["auto"] | None = None
+    learning_rate_multiplier: Positive | Literal["auto"] | None = None
+    beta: Positive | Literal["auto"] | None = None  # dpo only
     # reinforcement only; accepted and ignored where TRL has no such knob
     compute_multiplier: float | Literal["auto"] | None = None
     eval_interval: int | Literal["auto"] | None = None

@@ -49,15 +49,23 @@ def _from_exception(exc: Exception) -> JSONResponse | None:
         return error_response(exc.status_code, str(exc))
     if isinstance(exc, RequestValidationError):
         errors = exc.errors()
-        msgs = []
-        for e in errors:
-            loc = [str(p) for p in e.get("loc", []) if p not in ("body", "query", "path", "form")]
-            msgs.append(f"{'.'.join(loc)}: {e.get('msg')}" if loc else str(e.get("msg")))
-        first = [str(p) for p in errors[0].get("loc", [])[1:]] if errors else []
-        return error_response(400, "; ".join(msgs) or "invalid request", ".".join(first) or None)
+        msgs = [f"{_param(e['loc']) or 'body'}: {e.get('msg')}" for e in errors]
+        return error_response(
+            400, "; ".join(dict.fromkeys(msgs)) or "invalid request", _param(errors[0]["loc"]) if errors else None
+        )
     if isinstance(exc, HTTPException):
         return error_response(exc.status_code, str(exc.detail))
     return None
+
+
+def _param(loc: Any) -> str | None:
+    """A request error's location as the parameter a user wrote: `method.dpo.hyperparameters.beta`.
+
+    pydantic also names union branches (`constrained-float`, `literal['auto']`) and the
+    request part (`body`); neither is a parameter.
+    """
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or str(p).isidentifier()]
+    return ".".join(parts) or None
 
 
 class OpenAIRoute(APIRoute):

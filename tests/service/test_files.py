@@ -152,6 +152,11 @@ def test_fine_tuning_validation_errors_through_the_sdk(sdk: openai.OpenAI) -> No
             "no_such_key",
         ),
         (dict(model="tiny", training_file=sft.id, validation_file=sft.id), "validation_file", "not supported"),
+        (
+            dict(model="tiny", training_file=sft.id, hyperparameters={"learning_rate_multiplier": -1}),
+            "hyperparameters.learning_rate_multiplier",
+            "greater than 0",
+        ),
         (dict(model="tiny", training_file=sft.id, extra_body={"epochs": 3}), "epochs", "Extra inputs"),
     ]
     before = len(sdk.fine_tuning.jobs.list(limit=100).data)
