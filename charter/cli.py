@@ -5,6 +5,7 @@
     charter submit job.yaml --wait        # queue a job and follow it to its end
     charter jobs list | show ID | cancel ID | events ID
     charter keys create --name NAME [--tenant T] [--admin] | list | revoke ID|NAME
+    charter files upload data.jsonl       # a dataset a job spec names as dataset: {source: file-…}
 
 Client commands talk HTTP to --url (default: $CHARTER_URL, else CHARTER_HOST:CHARTER_PORT)
 and send $CHARTER_API_KEY as a Bearer key. `keys` commands work on the database directly
@@ -178,7 +179,7 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from charter.service.client import Client
+    from charter.client import Client
 
     return Client(_url(args), api_key=os.environ.get("CHARTER_API_KEY") or None)
 
@@ -350,6 +351,24 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files_upload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        f = client.files.upload(args.path, purpose=args.purpose)
+    print(f"{f['id']}  {f['kind']}  {f['filename']}" + (f"  ({f['rows']} rows)" if f.get("rows") else ""))
+    return 0
+
+
+def cmd_files_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        files = client.files.list()
+    if args.json:
+        print(json.dumps(files, indent=2))
+        return 0
+    for f in files:
+        print(f"{f['id']:<30}{f['kind']:<14}{f['bytes']:>10}  {f['filename']}")
+    return 0
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     import charter.models
 
@@ -373,7 +392,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import charter.models
-    from charter.service.client import Client, ClientError
+    from charter.client import Client, ClientError
 
     settings = Settings.from_env()
     port = args.port or settings.port
@@ -517,6 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command(ksub, "revoke", "Revoke a key by id, or every active key with this name.", cmd_keys_revoke)
     p.add_argument("key", metavar="ID|NAME", help="the key's id (from `charter keys list`) or name")
+    files = sub.add_parser(
+        "files",
+        help="Upload datasets and constitutions a job spec can name by id (file-…).",
+        description="Upload datasets and constitutions a job spec can name by id (file-…).",
+    )
+    fsub = files.add_subparsers(dest="files_command", required=True, metavar="SUBCOMMAND")
+    p = command(
+        fsub, "upload", "Upload a file; it is checked first (the first bad line and why).", cmd_files_upload, [url]
+    )
+    p.add_argument(
+        "path", metavar="PATH", help="a JSONL dataset, or a constitution (YAML/JSON) with --purpose constitution"
+    )
+    p.add_argument("--purpose", default="fine-tune", choices=["fine-tune", "constitution"])
+    p = command(fsub, "list", "List uploaded files.", cmd_files_list, [url])
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     models = sub.add_parser(
         "models",
@@ -542,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from charter.client import ClientError
     from charter.errors import CharterError
-    from charter.service.client import ClientError
 
     try:
         return args.func(args)

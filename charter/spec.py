@@ -4,7 +4,7 @@
     policy: {model: smollm2-135m}
     judge: {model: smollm2-135m}            # or base_url: http://host:8000/v1
     constitution: default                   # shipped name, file path, or inline mapping
-    prompts: {source: builtin:red-team, limit: 32}
+    prompts: {source: builtin:red-team, limit: 32}   # or dataset: {source: file-…} to train on your own data
     data: {samples_per_prompt: 2, revision_rounds: 1, labels: ai}
     train: {method: dpo, lora: {r: 16, alpha: 32}, args: {beta: 0.1}}
     evaluate: {prompts: builtin:red-team-heldout, limit: 32}
@@ -59,6 +59,14 @@ class PromptsSpec(_Strict):
         description="builtin:red-team, builtin:red-team-heldout, builtin:helpful, builtin:helpful-heldout, or a JSONL path with a `prompt` column."
     )
     limit: int | None = Field(None, ge=1, description="Use the first N prompts.")
+
+
+class DatasetSpec(_Strict):
+    source: str = Field(
+        description="An uploaded file (file-…, see POST /v1/files) or a local JSONL path: SFT rows (`messages`, or "
+        "prompt/completion) for sft, preference rows (prompt/chosen/rejected) for dpo. Generation is skipped."
+    )
+    limit: int | None = Field(None, ge=1, description="Use the first N rows.")
 
 
 class DataSpec(_Strict):
@@ -126,11 +134,28 @@ class JobSpec(_Strict):
     policy: PolicySpec
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     constitution: str | dict[str, Any] = "default"
-    prompts: PromptsSpec
+    prompts: PromptsSpec | None = Field(None, description="Prompts the constitutional loop generates data from.")
+    dataset: DatasetSpec | None = Field(None, description="Train on this dataset instead of generating one.")
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec
     evaluate: EvaluateSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    metadata: dict[str, str] = Field(
+        default_factory=dict, max_length=16, description="Labels kept with the job and shown back (OpenAI's metadata)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobSpec:
+        if (self.prompts is None) == (self.dataset is None):
+            raise ValueError(
+                "give exactly one of prompts (generate data with the constitution) or dataset (train on your own data)"
+            )
+        return self
+
+    @property
+    def needs_servers(self) -> bool:
+        """Whether the job talks to a policy or judge server: not when it only trains on a dataset."""
+        return self.prompts is not None or self.evaluate is not None
 
     @property
     def judge_model(self) -> str:

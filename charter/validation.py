@@ -12,14 +12,19 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from charter import constitution, models, prompts
+from charter import constitution, dataset, models, prompts
 from charter.errors import CharterError, ConstitutionError, ModelNotFound, SpecError
 from charter.settings import Settings
 from charter.spec import JobSpec
+
+FileLookup = Callable[[str], Path]  # an uploaded file's id → its local path; raises CharterError if unknown
+FILE_PREFIX = "file-"
 
 
 class _TrlValidator:
@@ -85,14 +90,75 @@ def warm_up() -> None:
     _validator.warm_up()
 
 
-def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:
-    """A raw spec (parsed JSON/YAML) → a JobSpec, or SpecError listing every problem found."""
+def resolve_files(spec: JobSpec, lookup: FileLookup | None) -> JobSpec:
+    """A copy of `spec` whose uploaded-file references (`file-…`) are local paths.
+
+    The stored spec keeps the ids; the API resolves them within the caller's tenant, the job
+    process under ARTIFACT_ROOT/files. Errors name each field whose file is unknown.
+    """
+    errors: list[dict[str, Any]] = []
+
+    def path(loc: list[str], ref: Any) -> Any:
+        if not (isinstance(ref, str) and ref.startswith(FILE_PREFIX)):
+            return ref
+        if lookup is None:
+            errors.append({"loc": loc, "msg": f"{ref}: uploaded files can only be used through the charter service"})
+            return ref
+        try:
+            return str(lookup(ref))
+        except CharterError as e:
+            errors.append({"loc": loc, "msg": str(e)})
+            return ref
+
+    out = spec.model_copy(deep=True)
+    out.constitution = path(["constitution"], spec.constitution)
+    if out.prompts:
+        out.prompts.source = path(["prompts", "source"], spec.prompts.source)
+    if out.dataset:
+        out.dataset.source = path(["dataset", "source"], spec.dataset.source)
+    if out.evaluate:
+        out.evaluate.prompts = path(["evaluate", "prompts"], spec.evaluate.prompts)
+    if errors:
+        raise SpecError(errors)
+    return out
+
+
+def check_dataset(spec: JobSpec) -> None:
+    """The dataset (resolved to a path) exists, parses, and is the kind its training method needs."""
+    assert spec.dataset is not None
+    path = Path(spec.dataset.source).expanduser()
+    loc = ["dataset", "source"]
+    if not path.is_file():
+        raise SpecError.one(
+            loc, f"{spec.dataset.source!r} is neither an uploaded file (file-…) nor a readable JSONL file"
+        )
+    try:
+        kind, _ = dataset.load(path, spec.dataset.limit)
+    except dataset.DatasetError as e:
+        raise SpecError.one(loc, str(e)) from None
+    wanted = dataset.KINDS_FOR_METHOD.get(spec.train.method, ())
+    if kind not in wanted:
+        raise SpecError.one(
+            loc,
+            f"train.method {spec.train.method} needs a {' or '.join(wanted) or 'generated'} dataset, "
+            f"this one holds {kind} rows; see the dataset formats in the README",
+        )
+
+
+def validate_job_spec(raw: Any, settings: Settings | None = None, files: FileLookup | None = None) -> JobSpec:
+    """A raw spec (parsed JSON/YAML) → a JobSpec, or SpecError listing every problem found.
+
+    `files` resolves uploaded-file references within the caller's tenant; the spec returned
+    keeps the `file-…` ids.
+    """
     if not isinstance(raw, dict):
         raise SpecError.one(["body"], f"a job spec must be a JSON object, got {type(raw).__name__}")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError([{"loc": list(err["loc"]), "msg": _pydantic_msg(err)} for err in e.errors()]) from None
+    checked = spec
+    spec = resolve_files(spec, files)
     errors: list[dict[str, Any]] = []
 
     def collect(loc: list[str], fn: Any, *a: Any) -> None:
@@ -117,7 +183,10 @@ def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:
         constitution.load(spec.constitution)
     except ConstitutionError as e:
         errors += [{"loc": ["constitution"], "msg": m} for m in e.errors]
-    collect(["prompts", "source"], prompts.load, spec.prompts.source, spec.prompts.limit, ("prompts", "source"))
+    if spec.prompts:
+        collect(["prompts", "source"], prompts.load, spec.prompts.source, spec.prompts.limit, ("prompts", "source"))
+    if spec.dataset:
+        collect(["dataset", "source"], check_dataset, spec)
     if spec.evaluate:
         collect(
             ["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts")
@@ -126,7 +195,7 @@ def validate_job_spec(raw: Any, settings: Settings | None = None) -> JobSpec:
         errors += _validator.check(spec.train.method, spec.train.args)
     if errors:
         raise SpecError(errors)
-    return spec
+    return checked
 
 
 def _pydantic_msg(err: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
     python -m charter.pipelines.run --spec spec.json --workdir ARTIFACT_ROOT/<job>
 
-generate → critique → revise (N rounds) → label → train → evaluate. Each stage writes its
+generate → critique → revise (N rounds) → label → train → evaluate; a spec with `dataset:`
+instead of `prompts:` trains on that dataset and skips the four generation stages. Each stage writes its
 rows and then its manifest; a stage whose manifest exists is skipped, so a job picked up
 again after a crash resumes where it stopped. Progress goes out as `@@event` lines (see
 events.py); the summary and artifact paths go to `result.json`, read by the worker.
@@ -17,12 +18,14 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from charter import constitution as constitutions
-from charter import models, prompts
+from charter import dataset, models, prompts
+from charter.errors import CharterError
 from charter.pipelines.artifacts import Workdir, write_atomic, write_jsonl
 from charter.pipelines.critique import critique
 from charter.pipelines.engine import Engine
@@ -33,9 +36,12 @@ from charter.pipelines.label import label
 from charter.pipelines.revise import revise
 from charter.pipelines.train import train
 from charter.spec import JobSpec
+from charter.validation import resolve_files
 
 
-def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, policy_url: str) -> dict[str, Any]:
+def run_job(
+    spec: JobSpec, workdir: Path, report: Reporter, judge_url: str | None, policy_url: str | None
+) -> dict[str, Any]:
     c = constitutions.load(spec.constitution)
     policy_path = models.ensure(spec.policy.model)
     judge_model = spec.judge.served_model_name
@@ -56,10 +62,17 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
         {
             "spec": spec.model_dump(mode="json"),
             "constitution": {"name": c.name, "sha256": c.sha256},
-            "judge": {"url": judge_url, "model": spec.judge_model, "engine": _engine_version(judge_url)},
+            "judge": {
+                "url": judge_url,
+                "model": spec.judge_model,
+                "engine": _engine_version(judge_url) if judge_url else None,
+            },
             "policy": {"model": spec.policy.model, "path": policy_path},
         },
     )
+
+    def policy() -> Engine:
+        return engine(policy_url, None, "policy")
 
     def stage(name: str, kind: str, fn: Any, parents: list[str] = ()) -> list[dict]:
         if wd.done(name):
@@ -70,50 +83,13 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
         report.done(name.split(".")[0], rows=m["rows"], **{k: v for k, v in counts.items() if k != "rows"})
         return rows
 
-    # generate → critique → revise × N
-    ps = prompts.load(spec.prompts.source, spec.prompts.limit)
-
-    def policy() -> Engine:
-        return engine(policy_url, None, "policy")
-
-    rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
-    parent = "generate"
-
-    # AI labels need only the policy's samples: the label stage runs beside critique/revise,
-    # so the judge server batches its prefill-only requests into their decode steps.
-    def label_stage(rows: list[dict], parent: str, reporter: Reporter) -> list[dict]:
-        return stage("label", "preferences", lambda: label(judge(), c, rows, spec.data, spec.judge, reporter), [parent])
-
-    beside = ThreadPoolExecutor(1, thread_name_prefix="label")
-    labelled = beside.submit(label_stage, rows, "generate", report.fork()) if spec.data.labels == "ai" else None
-    try:
-        for r in range(1, spec.data.revision_rounds + 1):
-            rows = stage(
-                f"critique.r{r}",
-                "critiques",
-                lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
-                [parent],
-            )
-            rows = stage(
-                f"revise.r{r}",
-                "revisions",
-                lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
-                [f"critique.r{r}"],
-            )
-            parent = f"revise.r{r}"
-        revised = rows
-
-        # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
-        pairs = labelled.result() if labelled else label_stage(revised, parent, report)
-    finally:
-        beside.shutdown(wait=False, cancel_futures=True)
-    sft_rows = [
-        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
-        for r in revised
-        if r["revisions"][-1]
-    ]
-    dataset_dir = _export_dataset(wd, pairs, sft_rows, parent)
-    label_counts = wd.manifest("label")["counts"]
+    if spec.dataset:  # the user's own data: no generation, critique, revision or labels
+        pairs, sft_rows, label_counts = _uploaded_rows(spec, report)
+        parents = []
+    else:
+        pairs, sft_rows, label_counts, parent = _constitutional_rows(spec, wd, stage, c, judge, policy, report)
+        parents = ["label", parent]
+    dataset_dir = _export_dataset(wd, pairs, sft_rows, parents)
 
     # train
     train_rows = sft_rows if spec.train.method == "sft" else pairs
@@ -177,7 +153,69 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     return {"report": report_json, "artifacts": artifacts}
 
 
-def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent: str) -> Path:
+def _constitutional_rows(
+    spec: JobSpec,
+    wd: Workdir,
+    stage: Callable[..., list[dict]],
+    c: constitutions.Constitution,
+    judge: Callable[[], Engine],
+    policy: Callable[[], Engine],
+    report: Reporter,
+) -> tuple[list[dict], list[dict], dict[str, Any], str]:
+    """generate → critique → revise × N → label: (preference pairs, SFT rows, label counts, last stage)."""
+    assert spec.prompts is not None
+    ps = prompts.load(spec.prompts.source, spec.prompts.limit)
+    rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
+    parent = "generate"
+
+    # AI labels need only the policy's samples: the label stage runs beside critique/revise,
+    # so the judge server batches its prefill-only requests into their decode steps.
+    def label_stage(rows: list[dict], parent: str, reporter: Reporter) -> list[dict]:
+        return stage("label", "preferences", lambda: label(judge(), c, rows, spec.data, spec.judge, reporter), [parent])
+
+    beside = ThreadPoolExecutor(1, thread_name_prefix="label")
+    labelled = beside.submit(label_stage, rows, "generate", report.fork()) if spec.data.labels == "ai" else None
+    try:
+        for r in range(1, spec.data.revision_rounds + 1):
+            rows = stage(
+                f"critique.r{r}",
+                "critiques",
+                lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
+                [parent],
+            )
+            rows = stage(
+                f"revise.r{r}",
+                "revisions",
+                lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
+                [f"critique.r{r}"],
+            )
+            parent = f"revise.r{r}"
+        revised = rows
+
+        # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
+        pairs = labelled.result() if labelled else label_stage(revised, parent, report)
+    finally:
+        beside.shutdown(wait=False, cancel_futures=True)
+    sft_rows = [
+        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
+        for r in revised
+        if r["revisions"][-1]
+    ]
+    return pairs, sft_rows, wd.manifest("label")["counts"], parent
+
+
+def _uploaded_rows(spec: JobSpec, report: Reporter) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The spec's dataset as (preference pairs, SFT rows, counts); validated at submit, read again here."""
+    assert spec.dataset is not None
+    kind, rows = dataset.load(Path(spec.dataset.source), spec.dataset.limit)
+    report.message(f"training on {len(rows)} {kind} rows from {spec.dataset.source}", stage="dataset")
+    counts = {"source": spec.dataset.source, "kind": kind, "rows": len(rows)}
+    if kind == "preference":
+        counts["pairs"] = len(rows)
+    return (rows, [], counts) if kind == "preference" else ([], rows, counts)
+
+
+def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parents: list[str]) -> Path:
     """The datasets in TRL's conversational columns: `datasets` on disk and JSONL."""
     d = wd.root / "dataset"
     if wd.done("dataset"):
@@ -191,8 +229,14 @@ def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent
         Dataset.from_list(pairs).save_to_disk(str(d / "preferences"))
     if sft_rows:
         Dataset.from_list(sft_rows).save_to_disk(str(d / "sft"))
-    wd.finish("dataset", "dataset", None, ["label", parent], {"pairs": len(pairs), "sft_rows": len(sft_rows)})
+    wd.finish("dataset", "dataset", None, parents, {"pairs": len(pairs), "sft_rows": len(sft_rows)})
     return d
+
+
+def _uploaded(files: Path, file_id: str) -> Path:
+    if not (files / file_id).is_file():
+        raise CharterError(f"uploaded file {file_id} is gone from {files}; was it deleted after the job was submitted?")
+    return files / file_id
 
 
 def _engine_version(url: str) -> str | None:
@@ -216,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     report = Reporter()
     try:
         spec = JobSpec.model_validate(json.loads(ns.spec.read_text()))
+        # Uploaded files (file-…) live in ARTIFACT_ROOT/files, beside the job folders.
+        files = Path(os.environ.get("CHARTER_FILES_DIR") or ns.workdir.parent / "files")
+        spec = resolve_files(spec, lambda file_id: _uploaded(files, file_id))
         judge_url = spec.judge.base_url or os.environ.get("CHARTER_JUDGE_URL")
         policy_url = os.environ.get("CHARTER_POLICY_URL") or judge_url
-        if not judge_url:
+        if not judge_url and spec.needs_servers:
             raise RuntimeError("no judge: set judge.base_url in the spec, or run the job through a charter worker")
         ns.workdir.mkdir(parents=True, exist_ok=True)
         result = run_job(spec, ns.workdir, report, judge_url, policy_url)

@@ -184,8 +184,10 @@ def job_endpoints(
     notify: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Environment for a job process: where its judge and its policy are served."""
-    env = {}
+    env = {"CHARTER_FILES_DIR": str(pool.settings.artifact_root / "files")}
     policy_path = models.ensure(spec.policy.model, pool.settings)
+    if not spec.needs_servers:
+        return env  # it only trains on a dataset: no server to start
     if spec.judge.base_url:
         env["CHARTER_JUDGE_URL"] = spec.judge.base_url
         env["CHARTER_POLICY_URL"] = pool.ensure(policy_path, notify)

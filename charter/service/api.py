@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict
 
 import charter
 from charter.errors import CharterError, SpecError
-from charter.service import artifacts
+from charter.service import artifacts, files, openai_api
 from charter.service.auth import PrincipalDep
 from charter.service.db import Event, Job, JobStatus, schema_status, upgrade
+from charter.service.files import FileStore
 from charter.service.keys import KeyStore
 from charter.service.middleware import AccessLog, BodyLimit
 from charter.service.store import JobStore
@@ -41,7 +42,7 @@ from charter.settings import Settings
 JobCreate = Annotated[
     dict[str, Any],
     Body(
-        description="A job spec (charter.spec.JobSpec): name, policy, judge, constitution, prompts, data, train, evaluate.",
+        description="A job spec (charter.spec.JobSpec): name, policy, judge, constitution, prompts or dataset, data, train, evaluate.",
         examples=[
             {
                 "name": "harmless-dpo-demo",
@@ -180,11 +181,14 @@ def metrics(request: Request) -> Response:
     status_code=201,
     responses={413: {"description": "body too large"}, 429: {"description": "too many jobs queued"}},
 )
-def create_job(raw: JobCreate, store: StoreDep, settings: SettingsDep, principal: PrincipalDep) -> JobPublic:
+def create_job(
+    raw: JobCreate, store: StoreDep, settings: SettingsDep, principal: PrincipalDep, request: Request
+) -> JobPublic:
     """Validate a job spec and queue the job for the caller's tenant."""
     from charter.validation import validate_job_spec
 
-    spec = validate_job_spec(raw, settings)
+    uploads = FileStore.of(request)
+    spec = validate_job_spec(raw, settings, lambda file_id: uploads.path(file_id, principal.scope))
     job = store.create_job(
         spec.model_dump(mode="json"),
         name=spec.name,
@@ -395,6 +399,8 @@ def build_app(settings: Settings, *, start_worker: bool) -> FastAPI:
     app.state.keys, app.state.metrics = KeyStore(store.engine), StoreMetrics(store)
     app.state.worker_stop, app.state.worker_thread = None, None
     app.include_router(router)
+    app.include_router(files.router)
+    app.include_router(openai_api.router)
     app.add_exception_handler(CharterError, _charter_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     uploads = [("/v1/files", settings.max_upload_bytes, "CHARTER_MAX_UPLOAD_BYTES")]

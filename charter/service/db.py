@@ -135,6 +135,27 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+class File(Base):
+    """An uploaded file (a dataset or a constitution); its bytes are at ARTIFACT_ROOT/files/<id>."""
+
+    __tablename__ = "files"
+    __table_args__ = (sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=new_file_id)
+    tenant: Mapped[str] = mapped_column(sa.String(200))
+    filename: Mapped[str] = mapped_column(sa.String(500))
+    purpose: Mapped[str] = mapped_column(sa.String(32))  # fine-tune | constitution
+    kind: Mapped[str] = mapped_column(sa.String(32))  # sft | preference | prompts | constitution
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    rows: Mapped[int | None]
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def make_engine(database_url: str) -> Engine:
     """An engine for SQLite (WAL, one writer at a time) or Postgres (postgresql+psycopg://)."""
     url = make_url(database_url)

@@ -20,6 +20,16 @@ access_log = logging.getLogger("charter.api")
 JOB_IN_PATH = re.compile(r"^/v1/(?:fine_tuning/)?jobs/([A-Za-z0-9_-]+)")
 
 
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning")
+
+
+def _too_large_body(path: str, message: str) -> dict:
+    """charter's {"detail"} shape, or OpenAI's error shape on the OpenAI-compatible routes."""
+    if path.startswith(OPENAI_PATHS):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "too_large"}}
+    return {"detail": message}
+
+
 class BodyLimit:
     """Refuse a request body larger than its route's limit, before or while it is read."""
 
@@ -46,7 +56,9 @@ class BodyLimit:
 
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            response = JSONResponse({"detail": too_large(f"{int(length)} bytes").detail}, status_code=413)
+            response = JSONResponse(
+                _too_large_body(scope["path"], too_large(f"{int(length)} bytes").detail), status_code=413
+            )
             return await response(scope, receive, send)
 
         received = 0
@@ -71,7 +83,7 @@ class BodyLimit:
         except HTTPException as exc:  # raised where the route did not turn it into a response
             if started or exc.status_code != 413:
                 raise
-            await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
+            await JSONResponse(_too_large_body(scope["path"], exc.detail), status_code=413)(scope, receive, send)
 
 
 class AccessLog:
