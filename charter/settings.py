@@ -29,6 +29,8 @@ class Settings:
     # Seconds a worker's claim on a job lasts without a heartbeat.
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
+    # -- ops: per-job resource limits (CHARTER_JOB_MEMORY_MB); 0 means none.
+    job_memory_mb: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -43,4 +45,5 @@ class Settings:
             vllm_kvcache_gib=float(os.environ.get("CHARTER_VLLM_KVCACHE_GIB", "2")),
             lease_seconds=float(os.environ.get("CHARTER_LEASE_SECONDS", "60")),
             heartbeat_seconds=float(os.environ.get("CHARTER_HEARTBEAT_SECONDS", "5")),
+            job_memory_mb=int(os.environ.get("CHARTER_JOB_MEMORY_MB", "0")),
         )

@@ -163,6 +163,7 @@ class _JobRun:
                 encoding="utf-8",
                 errors="replace",  # a stray byte in a log line must not stop the pump
                 env=env,
+                preexec_fn=_limits(self.worker.settings),  # ops: per-job memory limit
             )
             assert proc.stdout is not None
             pump = threading.Thread(target=self._pump, args=(proc.stdout, logfile), daemon=True)
@@ -237,6 +238,8 @@ class _JobRun:
                 name = str(-returncode)
             hint = ", often the out-of-memory killer" if name == "SIGKILL" else ""
             msg += f" (signal {name}{hint})"
+        if self.worker.settings.job_memory_mb and any("MemoryError" in ln or "memory" in ln for ln in self.tail):
+            msg += f" — out of memory under the job limit CHARTER_JOB_MEMORY_MB={self.worker.settings.job_memory_mb}"
         if self.tail:
             tail = "\n".join(self.tail)[-1500:]
             msg += f"; last lines of {self.workdir / 'job.log'}:\n{tail}"
@@ -311,6 +314,21 @@ def _parse_event(line: str) -> tuple[str, str, dict[str, Any]] | None:
     if level not in LEVELS or not isinstance(data, dict):
         return None
     return event["type"], level, data
+
+
+def _limits(settings: Settings) -> Callable[[], None] | None:
+    """ops: the job process's address-space limit (RLIMIT_AS), so a job that outgrows
+    CHARTER_JOB_MEMORY_MB fails with MemoryError instead of waking the host's OOM killer."""
+    if not settings.job_memory_mb:
+        return None
+    limit = settings.job_memory_mb * 1024 * 1024
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
 
 
 def _kill_group(proc: subprocess.Popen[str], grace: float) -> None:
