@@ -31,6 +31,8 @@ class Settings:
     heartbeat_seconds: float = 5.0
     # -- ops: per-job resource limits (CHARTER_JOB_MEMORY_MB); 0 means none.
     job_memory_mb: int = 0
+    # -- ops: times a job whose process was killed by a signal is run again (CHARTER_JOB_RETRIES).
+    job_retries: int = 1
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -46,4 +48,5 @@ class Settings:
             lease_seconds=float(os.environ.get("CHARTER_LEASE_SECONDS", "60")),
             heartbeat_seconds=float(os.environ.get("CHARTER_HEARTBEAT_SECONDS", "5")),
             job_memory_mb=int(os.environ.get("CHARTER_JOB_MEMORY_MB", "0")),
+            job_retries=int(os.environ.get("CHARTER_JOB_RETRIES", "1")),
         )

@@ -170,8 +170,11 @@ def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent
     d = wd.root / "dataset"
     if wd.done("dataset"):
         return d
+    import shutil
+
     from datasets import Dataset
 
+    shutil.rmtree(d, ignore_errors=True)  # what a killed attempt left half-written
     d.mkdir(parents=True, exist_ok=True)
     write_jsonl(d / "pairs.jsonl", pairs)
     write_jsonl(d / "sft.jsonl", sft_rows)
@@ -193,6 +196,26 @@ def _engine_version(url: str) -> str | None:
         return None
 
 
+def _die_with_parent() -> None:
+    """End this job (its whole process group) when the worker that started it dies.
+
+    The job runs in its own session, so a worker killed with SIGKILL would leave it running,
+    writing into the work directory that the worker taking the job over is writing into too.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m charter.pipelines.run",
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", required=True, type=Path, help="the job spec, JSON")
     ap.add_argument("--workdir", required=True, type=Path, help="the job's artifact folder")
     ns = ap.parse_args(argv)
+    _die_with_parent()
     report = Reporter()
     try:
         spec = JobSpec.model_validate(json.loads(ns.spec.read_text()))

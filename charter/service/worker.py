@@ -227,7 +227,18 @@ class _JobRun:
                 return self.finish(JobStatus.FAILED, error=f"job process exited 0 but left no valid result.json: {exc}")
             return self.finish(JobStatus.SUCCEEDED, result=result)
         assert returncode is not None
+        if returncode < 0 and self.attempt <= self.worker.settings.job_retries:  # ops: killed, not failed
+            return self._retry(returncode)
         return self.finish(JobStatus.FAILED, error=self.last_error or self._exit_message(returncode))
+
+    def _retry(self, returncode: int) -> JobStatus | None:
+        """ops: a job process killed by a signal goes back to the queue; its next attempt resumes
+        after the last stage with a manifest (CHARTER_JOB_RETRIES bounds how often)."""
+        self.note(f"{self._exit_message(returncode)}; the job goes back to the queue and resumes", level="warning")
+        try:
+            return self.store.release(self.job.id, self.worker.worker_id, self.attempt).status
+        except LeaseLost:
+            return None
 
     def _exit_message(self, returncode: int) -> str:
         msg = f"job process exited with code {returncode}"
