@@ -13,8 +13,10 @@ the worker, which owns the local vLLM servers) or from the spec's `judge.base_ur
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -238,8 +240,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:
         traceback.print_exc(file=sys.stdout)
-        report.message(f"{type(e).__name__}: {e}", level="error", stage=report.stage)
+        report.message(explain(e, report.stage, ns.workdir), level="error", stage=report.stage)
         return 1
+
+
+def explain(e: BaseException, stage: str | None, workdir: Path) -> str:
+    """The job's error as the user reads it: a full disk and an out-of-memory say so, and what to do."""
+    chain, c = [], e
+    while c is not None and len(chain) < 10:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    text = f"{type(e).__name__}: {e}"
+    every = " ".join(f"{type(c).__name__}: {c}" for c in chain)
+    where = f" in stage {stage}" if stage else ""
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain) or "No space left on device" in every:
+        return (
+            f"disk full{where}: no space left under {workdir} (ARTIFACT_ROOT); free space there or point "
+            f"ARTIFACT_ROOT at a larger disk, then submit the job again. {text}"
+        )
+    if any(isinstance(c, MemoryError) for c in chain) or re.search(
+        r"can't allocate memory|Cannot allocate memory", every
+    ):
+        limit = os.environ.get("CHARTER_JOB_MEMORY_MB", "0")
+        cap = f"its limit, CHARTER_JOB_MEMORY_MB={limit} MiB on the worker" if limit != "0" else "the machine's memory"
+        return (
+            f"out of memory{where}: the job process needed more than {cap}; lower the batch size or "
+            f"max_length in train.args, or give the job more memory. {text}"
+        )
+    return text
 
 
 if __name__ == "__main__":

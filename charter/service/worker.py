@@ -97,6 +97,7 @@ class Worker:
     def _command(self, job: Job, spec_path: Path, workdir: Path) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", CHARTER_JOB_ID=job.id, CHARTER_ATTEMPT=str(job.attempt))
+        env["CHARTER_JOB_MEMORY_MB"] = str(self.settings.job_memory_mb)  # ops: named in an out-of-memory error
         if self.job_command is not None:
             return [str(a) for a in self.job_command(job, spec_path, workdir)], env
         # Imported here: the servers module pulls in the ML side, which the API must not load.
@@ -249,8 +250,6 @@ class _JobRun:
                 name = str(-returncode)
             hint = ", often the out-of-memory killer" if name == "SIGKILL" else ""
             msg += f" (signal {name}{hint})"
-        if self.worker.settings.job_memory_mb and any("MemoryError" in ln or "memory" in ln for ln in self.tail):
-            msg += f" — out of memory under the job limit CHARTER_JOB_MEMORY_MB={self.worker.settings.job_memory_mb}"
         if self.tail:
             tail = "\n".join(self.tail)[-1500:]
             msg += f"; last lines of {self.workdir / 'job.log'}:\n{tail}"

@@ -4,7 +4,7 @@
 
 Modes: `slow` (answers after `delay_s`), `error` (HTTP 503 with a JSON error), `garbage`
 (HTTP 200 whose body is not JSON), `nonsense` (a well-formed chat completion whose text
-is no verdict and carries no logprobs). Every request's arrival time is kept in `hits`.
+is no verdict and carries no logprobs), `echo` (a healthy judge's short critique). Every request's arrival time is kept in `hits`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class FaultServer:
                     self._send(200, b"<html>\x00\xff not json at all")
                 elif fault.mode == "nonsense":
                     self._send(200, json.dumps(_completion("")).encode())
+                elif fault.mode == "echo":
+                    self._send(200, json.dumps(_completion("The response could be kinder.")).encode())
                 else:
                     self._send(500, b"{}")
 
