@@ -9,6 +9,7 @@ after the last finished one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ def check_dataset(workdir: Path) -> dict[str, int]:
     pairs = read_jsonl(workdir / "dataset" / "pairs.jsonl")
     used = [i for p in pairs for i in p["source_ids"]]
     assert len(used) == len(set(used)) and set(used) <= set(ids), "a row is in two pairs, or in none it came from"
-    counts = __import__("json").loads((workdir / "label" / "manifest.json").read_text())["counts"]
+    counts = json.loads((workdir / "label" / "manifest.json").read_text())["counts"]
     assert counts["candidates"] == PROMPTS * SAMPLES // 2
     assert counts["pairs"] + counts["unparsed"] == counts["candidates"]  # disagreement: keep
     return {"rows": len(gen), "pairs": len(pairs), "lost": counts["candidates"] - counts["pairs"] - counts["unparsed"]}
