@@ -329,13 +329,13 @@ def _parse_event(line: str) -> tuple[str, str, dict[str, Any]] | None:
 def _limits(settings: Settings) -> Callable[[], None] | None:
     """ops: the job process's address-space limit (RLIMIT_AS), so a job that outgrows
     CHARTER_JOB_MEMORY_MB fails with MemoryError instead of waking the host's OOM killer."""
+    import resource  # here, in the worker: importing after fork could deadlock on a lock another thread held
+
     if not settings.job_memory_mb:
         return None
     limit = settings.job_memory_mb * 1024 * 1024
 
     def apply() -> None:
-        import resource
-
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     return apply
