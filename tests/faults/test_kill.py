@@ -41,7 +41,7 @@ def spec(judge_url: str, name: str) -> dict[str, Any]:
         "name": name,
         "judge": {**TINY_SPEC["judge"], "base_url": judge_url},
         "prompts": {"source": "builtin:red-team", "limit": PROMPTS},
-        "data": {**TINY_SPEC["data"], "samples_per_prompt": SAMPLES, "max_new_tokens": 48},
+        "data": {**TINY_SPEC["data"], "samples_per_prompt": SAMPLES, "max_new_tokens": 128},
     }
 
 
