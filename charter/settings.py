@@ -68,6 +68,11 @@ class Settings:
                 "create a key with `charter keys create --name admin --admin`, or bind to 127.0.0.1 (CHARTER_HOST)"
             )
 
+    # -- ops: per-job resource limits (CHARTER_JOB_MEMORY_MB); 0 means none.
+    job_memory_mb: int = 0
+    # -- ops: times a job whose process was killed by a signal is run again (CHARTER_JOB_RETRIES).
+    job_retries: int = 1
+
     @classmethod
     def from_env(cls) -> Settings:
         home = _home()
@@ -88,6 +93,8 @@ class Settings:
             max_queued_jobs=_number("CHARTER_MAX_QUEUED_JOBS", "100", int),
             log_format=_choice("CHARTER_LOG_FORMAT", "text", ("text", "json")),
             worker_labels=parse_labels(env("CHARTER_WORKER_LABELS", ""), "CHARTER_WORKER_LABELS"),
+            job_memory_mb=_number("CHARTER_JOB_MEMORY_MB", "0", int),
+            job_retries=_number("CHARTER_JOB_RETRIES", "1", int),
         )
 
 

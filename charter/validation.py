@@ -3,11 +3,14 @@
 The shape comes from `charter.spec`; then the references are resolved (models, constitution,
 prompt sets) and `train.args` go through TRL's own parser. TRL imports torch, which the API
 process must not, so a long-lived validator subprocess (`charter.pipelines.trl_args
---serve`) answers; `warm_up()` starts it when the API starts.
+--serve`) answers; `warm_up()` starts it when the API starts. Where TRL is not installed
+(the slim `api` image, docker/api.Dockerfile) that check is left to the job process, which
+builds the trainer's config with the same parser and fails the job naming the key.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -85,9 +88,18 @@ def _cpu_only() -> bool:
     return not has_gpu()
 
 
+def trl_installed() -> bool:
+    """Whether this environment can run TRL's parser (found without importing it)."""
+    try:
+        return importlib.util.find_spec("trl") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def warm_up() -> None:
     """Start the TRL validator in the background so the first submit does not wait for it."""
-    _validator.warm_up()
+    if trl_installed():
+        _validator.warm_up()
 
 
 def resolve_files(spec: JobSpec, lookup: FileLookup | None) -> JobSpec:
@@ -191,7 +203,7 @@ def validate_job_spec(raw: Any, settings: Settings | None = None, files: FileLoo
         collect(
             ["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts")
         )
-    if not errors:  # the validator is the slow check: only ask it about an otherwise good spec
+    if not errors and trl_installed():  # the slow check: only ask it about an otherwise good spec
         errors += _validator.check(spec.train.method, spec.train.args)
     if errors:
         raise SpecError(errors)

@@ -22,8 +22,14 @@ Row = dict[str, Any]
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    """Write under a temporary name, flush it to disk, then rename: readers, and a job resumed
+    after a kill -9, see the whole file or none. The temporary name is the writer's own, so two
+    attempts of a job (a worker taken over while its old job process lives) never mix bytes."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

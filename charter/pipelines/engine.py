@@ -1,8 +1,9 @@
 """An OpenAI-compatible engine (a vLLM server, or several replicas), spoken to with `openai`.
 
 Requests go out concurrently, bounded by a semaphore, round-robin over the replicas, and are
-retried with backoff on transport errors and 5xx; vLLM batches what is in flight. After the
-last retry the error names the URL and the cause. Generated tokens are counted so stages can
+retried with backoff on transport errors, timeouts, 5xx and replies that are not the
+protocol's shape (a proxy's HTML page, a truncated body); vLLM batches what is in flight.
+After the last retry the error names the URL and the cause. Generated tokens are counted so stages can
 report tokens/s.
 """
 
@@ -32,6 +33,14 @@ class Usage:
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / max(time.monotonic() - self.started, 1e-9)
+
+
+class GarbageReply(Exception):
+    """The server answered 200 with something that is not an OpenAI-protocol reply."""
+
+
+def _has_choices(r: Any) -> bool:
+    return isinstance(getattr(r, "choices", None), list) and len(r.choices) > 0
 
 
 class Engine:
@@ -64,11 +73,13 @@ class Engine:
 
     async def model(self) -> str:
         if self._model is None:
-            models = await self._call(lambda c: c.models.list())
+            models = await self._call(
+                lambda c: c.models.list(), lambda r: isinstance(getattr(r, "data", None), list) and len(r.data) > 0
+            )
             self._model = models.data[0].id
         return self._model
 
-    async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[Any], Awaitable[T]], valid: Callable[[Any], bool] = _has_choices) -> T:
         import openai
 
         if self._sem is None:
@@ -78,12 +89,18 @@ class Engine:
             i = next(self._next)
             try:
                 async with self._sem:
-                    return await fn(self._clients[i])
+                    r = await fn(self._clients[i])
+                if not valid(r):
+                    raise GarbageReply(f"the reply is not an OpenAI-protocol response: {str(r)[:200]!r}")
+                return r
             except (
                 openai.APIConnectionError,
                 openai.APITimeoutError,
                 openai.InternalServerError,
                 openai.RateLimitError,
+                openai.APIResponseValidationError,
+                ValueError,  # a body that is not JSON, or not text (JSONDecodeError, UnicodeDecodeError)
+                GarbageReply,
             ) as e:
                 last = e
                 self.usage.retries += 1
@@ -91,9 +108,10 @@ class Engine:
                     await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
             except openai.APIStatusError as e:  # 4xx: our request is wrong; retrying won't help
                 raise JudgeError(f"{self.name} at {self.urls[i]} refused a request: {e.status_code} {e.message}") from e
-        raise JudgeError(
-            f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: {type(last).__name__}: {last}"
-        ) from last
+        cause = f"{type(last).__name__}: {last}"
+        if isinstance(last, ValueError):
+            cause = f"its reply is not JSON ({cause})"
+        raise JudgeError(f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: {cause}") from last
 
     async def chat(
         self, messages: Messages, *, max_tokens: int, temperature: float, n: int = 1, seed: int | None = None

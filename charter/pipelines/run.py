@@ -14,8 +14,10 @@ the worker, which owns the local vLLM servers) or from the spec's `judge.base_ur
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -220,8 +222,11 @@ def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent
     d = wd.root / "dataset"
     if wd.done("dataset"):
         return d
+    import shutil
+
     from datasets import Dataset
 
+    shutil.rmtree(d, ignore_errors=True)  # what a killed attempt left half-written
     d.mkdir(parents=True, exist_ok=True)
     write_jsonl(d / "pairs.jsonl", pairs)
     write_jsonl(d / "sft.jsonl", sft_rows)
@@ -249,6 +254,26 @@ def _engine_version(url: str) -> str | None:
         return None
 
 
+def _die_with_parent() -> None:
+    """End this job (its whole process group) when the worker that started it dies.
+
+    The job runs in its own session, so a worker killed with SIGKILL would leave it running,
+    writing into the work directory that the worker taking the job over is writing into too.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m charter.pipelines.run",
@@ -257,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", required=True, type=Path, help="the job spec, JSON")
     ap.add_argument("--workdir", required=True, type=Path, help="the job's artifact folder")
     ns = ap.parse_args(argv)
+    _die_with_parent()
     report = Reporter()
     try:
         spec = JobSpec.model_validate(json.loads(ns.spec.read_text()))
@@ -273,8 +299,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:
         traceback.print_exc(file=sys.stdout)
-        report.message(f"{type(e).__name__}: {e}", level="error", stage=report.stage)
+        report.message(explain(e, report.stage, ns.workdir), level="error", stage=report.stage)
         return 1
+
+
+def explain(e: BaseException, stage: str | None, workdir: Path) -> str:
+    """The job's error as the user reads it: a full disk and an out-of-memory say so, and what to do."""
+    chain, c = [], e
+    while c is not None and len(chain) < 10:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    text = f"{type(e).__name__}: {e}"
+    every = " ".join(f"{type(c).__name__}: {c}" for c in chain)
+    where = f" in stage {stage}" if stage else ""
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain) or "No space left on device" in every:
+        return (
+            f"disk full{where}: no space left under {workdir} (ARTIFACT_ROOT); free space there or point "
+            f"ARTIFACT_ROOT at a larger disk, then submit the job again. {text}"
+        )
+    if any(isinstance(c, MemoryError) for c in chain) or re.search(
+        r"can't allocate memory|Cannot allocate memory", every
+    ):
+        limit = os.environ.get("CHARTER_JOB_MEMORY_MB", "0")
+        cap = f"its limit, CHARTER_JOB_MEMORY_MB={limit} MiB on the worker" if limit != "0" else "the machine's memory"
+        return (
+            f"out of memory{where}: the job process needed more than {cap}; lower the batch size or "
+            f"max_length in train.args, or give the job more memory. {text}"
+        )
+    return text
 
 
 if __name__ == "__main__":

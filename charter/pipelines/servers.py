@@ -115,7 +115,9 @@ def start_server(
         os.environ.get("CHARTER_VLLM_DTYPE") or default_dtype(),
         "--disable-uvicorn-access-log",
     ]
-    if os.environ.get("CHARTER_VLLM_EAGER", "1" if not has_gpu() else "0") == "1":
+    if has_gpu():  # several servers (a judge, a policy) and training may share one GPU
+        cmd.append(f"--gpu-memory-utilization={os.environ.get('CHARTER_VLLM_GPU_MEMORY_UTILIZATION', '0.9')}")
+    if (os.environ.get("CHARTER_VLLM_EAGER") or ("0" if has_gpu() else "1")) == "1":
         # On a CPU torch.compile costs ~2.5 min of start-up and gains nothing measurable
         # (bench/vllm_cpu_settings.py: start 181 s → 39 s, decode 45–57 tok/s either way).
         cmd.append("--enforce-eager")
@@ -183,13 +185,18 @@ def job_endpoints(
     pool: VLLMServerPool,
     notify: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """Environment for a job process: where its judge and its policy are served."""
+    """Environment for a job process: where its judge and its policy are served.
+
+    The judge is the spec's `judge.base_url`, else the deployment's judge server
+    (CHARTER_JUDGE_URL in the worker's environment, as in docker/compose.yaml), else a local
+    server the pool starts for the judge model. A job that only trains on a dataset gets none.
+    """
     env = {"CHARTER_FILES_DIR": str(pool.settings.artifact_root / "files")}
     policy_path = models.ensure(spec.policy.model, pool.settings)
     if not spec.needs_servers:
         return env  # it only trains on a dataset: no server to start
-    if spec.judge.base_url:
-        env["CHARTER_JUDGE_URL"] = spec.judge.base_url
+    if judge_url := spec.judge.base_url or os.environ.get("CHARTER_JUDGE_URL"):
+        env["CHARTER_JUDGE_URL"] = judge_url
         env["CHARTER_POLICY_URL"] = pool.ensure(policy_path, notify)
         return env
     judge_path = models.ensure(spec.judge_model, pool.settings)

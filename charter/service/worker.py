@@ -102,6 +102,7 @@ class Worker:
     def _command(self, job: Job, spec_path: Path, workdir: Path) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", CHARTER_JOB_ID=job.id, CHARTER_ATTEMPT=str(job.attempt))
+        env["CHARTER_JOB_MEMORY_MB"] = str(self.settings.job_memory_mb)  # ops: named in an out-of-memory error
         if self.job_command is not None:
             return [str(a) for a in self.job_command(job, spec_path, workdir)], env
         # Imported here: the servers module pulls in the ML side, which the API must not load.
@@ -175,6 +176,7 @@ class _JobRun:
                 encoding="utf-8",
                 errors="replace",  # a stray byte in a log line must not stop the pump
                 env=env,
+                preexec_fn=_limits(self.worker.settings),  # ops: per-job memory limit
             )
             assert proc.stdout is not None
             pump = threading.Thread(target=self._pump, args=(proc.stdout, logfile), daemon=True)
@@ -238,7 +240,18 @@ class _JobRun:
                 return self.finish(JobStatus.FAILED, error=f"job process exited 0 but left no valid result.json: {exc}")
             return self.finish(JobStatus.SUCCEEDED, result=result)
         assert returncode is not None
+        if returncode < 0 and self.attempt <= self.worker.settings.job_retries:  # ops: killed, not failed
+            return self._retry(returncode)
         return self.finish(JobStatus.FAILED, error=self.last_error or self._exit_message(returncode))
+
+    def _retry(self, returncode: int) -> JobStatus | None:
+        """ops: a job process killed by a signal goes back to the queue; its next attempt resumes
+        after the last stage with a manifest (CHARTER_JOB_RETRIES bounds how often)."""
+        self.note(f"{self._exit_message(returncode)}; the job goes back to the queue and resumes", level="warning")
+        try:
+            return self.store.release(self.job.id, self.worker.worker_id, self.attempt).status
+        except LeaseLost:
+            return None
 
     def _exit_message(self, returncode: int) -> str:
         msg = f"job process exited with code {returncode}"
@@ -323,6 +336,21 @@ def _parse_event(line: str) -> tuple[str, str, dict[str, Any]] | None:
     if level not in LEVELS or not isinstance(data, dict):
         return None
     return event["type"], level, data
+
+
+def _limits(settings: Settings) -> Callable[[], None] | None:
+    """ops: the job process's address-space limit (RLIMIT_AS), so a job that outgrows
+    CHARTER_JOB_MEMORY_MB fails with MemoryError instead of waking the host's OOM killer."""
+    import resource  # here, in the worker: importing after fork could deadlock on a lock another thread held
+
+    if not settings.job_memory_mb:
+        return None
+    limit = settings.job_memory_mb * 1024 * 1024
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
 
 
 def _kill_group(proc: subprocess.Popen[str], grace: float) -> None:
