@@ -69,51 +69,74 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
         report.done(name.split(".")[0], rows=m["rows"], **{k: v for k, v in counts.items() if k != "rows"})
         return rows
 
-    # generate → critique → revise × N
+    def data_stages() -> tuple[list[dict], list[dict], Path, dict[str, Any]]:
+        """generate → critique → revise × N → label → dataset: (train rows, SFT rows, dataset, label counts)."""
+
+        def policy() -> Engine:
+            return engine(policy_url, None, "policy")
+
+        rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
+        parent = "generate"
+        for r in range(1, spec.data.revision_rounds + 1):
+            rows = stage(
+                f"critique.r{r}",
+                "critiques",
+                lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
+                [parent],
+            )
+            rows = stage(
+                f"revise.r{r}",
+                "revisions",
+                lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
+                [f"critique.r{r}"],
+            )
+            parent = f"revise.r{r}"
+        revised = rows
+        # label: preference pairs (dpo, reward, kto), and SFT rows from the final revisions (sft)
+        pairs = stage(
+            "label", "preferences", lambda: label(judge(), c, revised, spec.data, spec.judge, report), [parent]
+        )
+        sft = [
+            {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
+            for r in revised
+            if r["revisions"][-1]
+        ]
+        d = _export_dataset(wd, pairs, sft, parent)
+        return (sft if spec.train.method == "sft" else pairs), sft, d, wd.manifest("label")["counts"]
+
     ps = prompts.load(spec.prompts.source, spec.prompts.limit)
-
-    def policy() -> Engine:
-        return engine(policy_url, None, "policy")
-
-    rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
-    parent = "generate"
-    for r in range(1, spec.data.revision_rounds + 1):
-        rows = stage(
-            f"critique.r{r}",
-            "critiques",
-            lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
-            [parent],
-        )
-        rows = stage(
-            f"revise.r{r}",
-            "revisions",
-            lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
-            [f"critique.r{r}"],
-        )
-        parent = f"revise.r{r}"
-    revised = rows
-
-    # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
-    pairs = stage("label", "preferences", lambda: label(judge(), c, revised, spec.data, spec.judge, report), [parent])
-    sft_rows = [
-        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
-        for r in revised
-        if r["revisions"][-1]
-    ]
-    dataset_dir = _export_dataset(wd, pairs, sft_rows, parent)
-    label_counts = wd.manifest("label")["counts"]
-
-    # train
-    train_rows = sft_rows if spec.train.method == "sft" else pairs
+    method = spec.train.method
+    online = method in ONLINE
+    label_counts: dict[str, Any] = {}
+    sft_rows: list[dict] = []
+    dataset_dir: Path | None = None
+    if online:
+        # grpo, rloo and ppo sample from the policy as they train: they need prompts, not pairs.
+        train_rows = [{"prompt": p} for p in ps]
+    else:
+        train_rows, sft_rows, dataset_dir, label_counts = data_stages()
     if not train_rows:
         raise RuntimeError(
-            f"no {'SFT rows' if spec.train.method == 'sft' else 'preference pairs'} to train on: "
+            f"no {'SFT rows' if method == 'sft' else 'preference pairs'} to train on: "
             f"label stage counts {label_counts}; raise prompts.limit or use disagreement: keep"
         )
+
+    # train
     if not wd.done("train"):
-        info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report)
+        ctx = {
+            "constitution": c,
+            "judge_engine": judge,
+            "judge_retries": spec.judge.retries,
+            "artifact_root": workdir.parent,
+        }
+        info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report, rewards=ctx)
         wd.finish(
-            "train", info["kind"], None, ["dataset"], {"steps": info["steps"], "rows": info["rows"]}, {"result": info}
+            "train",
+            info["kind"],
+            None,
+            ["prompts" if online else "dataset"],
+            {"steps": info["steps"], "rows": info["rows"]},
+            {"result": info},
         )
         report.done("train", **{k: v for k, v in info.items() if k in ("steps", "train_loss", "final_loss")})
     else:
@@ -123,14 +146,20 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     # evaluate
     report_json: dict[str, Any] = {
         "job": spec.name,
-        "method": spec.train.method,
+        "method": method,
         "pairs": label_counts.get("pairs"),
         "position_agreement": label_counts.get("position_agreement"),
         "label_counts": label_counts,
         "sft_rows": len(sft_rows),
-        "train": {k: trained.get(k) for k in ("steps", "train_loss", "first_loss", "final_loss")},
+        "train": {
+            k: trained.get(k)
+            for k in ("steps", "train_loss", "first_loss", "final_loss", "first_reward", "final_reward", "heldout")
+            if k in trained
+        },
     }
-    if spec.evaluate:
+    if spec.evaluate and method == "reward":
+        report.message("evaluate: a reward model is not a policy; its held-out accuracy and margin are in the report")
+    elif spec.evaluate:
         ev_prompts = prompts.load(spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts"))
         if not wd.done("evaluate"):
             ev_rows, summary = evaluate(
@@ -153,9 +182,15 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     write_atomic(workdir / "report.json", json.dumps(report_json, indent=2))
 
     artifacts = {
-        "dataset": str(dataset_dir),
-        "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
-        "sft_jsonl": str(dataset_dir / "sft.jsonl"),
+        **(
+            {
+                "dataset": str(dataset_dir),
+                "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
+                "sft_jsonl": str(dataset_dir / "sft.jsonl"),
+            }
+            if dataset_dir
+            else {}
+        ),
         trained["kind"]: trained["path"],
         "plot": str(workdir / "train" / "curve.png"),
         "report": str(workdir / "report.json"),
@@ -163,6 +198,9 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
     for name, path in artifacts.items():
         report.artifact(name, path, kind=name)
     return {"report": report_json, "artifacts": artifacts}
+
+
+ONLINE = ("grpo", "rloo", "ppo")
 
 
 def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parent: str) -> Path:
