@@ -98,3 +98,62 @@ def test_reward_model_ranks_heldout_pairs(tiny_model, tmp_path, lora):
     if lora:
         cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
         assert cfg["task_type"] == "SEQ_CLS"
+
+
+GRADERS = [
+    {"type": "length", "max": 12, "unit": "chars", "weight": 0.5},
+    {"type": "python", "function": "tests.pipelines.reward_fns:brevity", "name": "brevity", "weight": 2.0},
+    {"type": "contains", "values": ["e"], "weight": 1.0},
+]
+
+
+@pytest.mark.parametrize(
+    "method,lora",
+    [("grpo", True), ("grpo", False), ("rloo", True)],
+    ids=["grpo-lora", "grpo-full", "rloo-lora"],
+)
+def test_grpo_and_rloo_with_graders(tiny_model, tmp_path, monkeypatch, method, lora):
+    monkeypatch.setenv("CHARTER_REWARD_MODULES", "tests.pipelines.reward_fns")
+    info, out = run(
+        tmp_path,
+        prompt_rows(4),
+        tiny_model,
+        lora,
+        method=method,
+        rewards=GRADERS,
+        args={
+            "max_steps": 2,
+            "learning_rate": 1e-2,
+            "per_device_train_batch_size": 4,
+            "num_generations": 4,
+            "max_completion_length": 12,
+            "beta": 0.1,
+        },
+    )
+    assert info["steps"] == 2
+    logged = [m for m in metrics(out) if "reward" in m]
+    assert len(logged) == 2
+    for m in logged:
+        for name in ("length", "brevity", "contains"):
+            assert f"reward/{name}/mean" in m and f"reward/{name}/std" in m
+        # the total is the weighted sum of the sources (no source left a completion unscored)
+        want = 0.5 * m["reward/length/mean"] + 2.0 * m["reward/brevity/mean"] + m["reward/contains/mean"]
+        assert m["reward"] == pytest.approx(want, rel=1e-4)
+        assert "kl" in m and "completion_length" in m and "learning_rate" in m
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    cfg = json.loads((tmp_path / info["kind"] / "charter_train_config.json").read_text())
+    assert cfg["trl_config"]["reward_weights"] == [0.5, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_kto_on_unpaired_labels(tiny_model, tmp_path, lora):
+    info, out = run(
+        tmp_path,
+        separable_pairs(4),
+        tiny_model,
+        lora,
+        method="kto",
+        args={"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4},
+    )
+    assert info["rows"] == 4 and info["steps"] == 2
+    assert all(m["loss"] > 0 for m in metrics(out) if "loss" in m)
