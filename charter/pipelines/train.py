@@ -352,8 +352,8 @@ def _ppo_trainer(
     value_model = copy.deepcopy(reward_model).train()
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     ref = None if spec.lora else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
-    ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
+    chats = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
     dataset = Dataset.from_list([{"input_ids": x} for x in ids])
     return PPOTrainer(
         args=cfg,

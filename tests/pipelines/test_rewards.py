@@ -1,7 +1,6 @@
 """Reward sources of grpo/rloo: every grader, the python allow-list, the weighted sum, and the
 judge against the real tiny vLLM server (batched: all requests of a step in flight together)."""
 
-import asyncio
 import math
 
 import pytest

@@ -157,3 +157,43 @@ def test_kto_on_unpaired_labels(tiny_model, tmp_path, lora):
     )
     assert info["rows"] == 4 and info["steps"] == 2
     assert all(m["loss"] > 0 for m in metrics(out) if "loss" in m)
+
+
+@pytest.fixture(scope="module")
+def reward_job(tiny_model, tmp_path_factory):
+    """A finished `reward` job folder (full fine-tuning, one step), as PPO and reward_model sources name it."""
+    root = tmp_path_factory.mktemp("artifacts")
+    job = root / "job-reward"
+    spec = TrainSpec.model_validate({"method": "reward", "args": {"max_steps": 1, "per_device_train_batch_size": 4}})
+    info = train(spec, separable_pairs(8), tiny_model, job / "train", 0, Reporter(io.StringIO()))
+    (job / "train" / "manifest.json").write_text(json.dumps({"result": info}))
+    return root, "job-reward"
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_ppo_with_a_reward_job(tiny_model, tmp_path, reward_job, lora):
+    root, job_id = reward_job
+    spec = TrainSpec.model_validate(
+        {
+            "method": "ppo",
+            "reward_model": job_id,
+            "lora": {"r": 4, "alpha": 8} if lora else None,
+            "args": {
+                "total_episodes": 4,
+                "per_device_train_batch_size": 2,
+                "response_length": 8,
+                "learning_rate": 1e-2,
+                "kl_coef": 0.05,
+                "cliprange": 0.2,
+                "vf_coef": 0.1,
+                "num_ppo_epochs": 1,
+            },
+        }
+    )
+    out, watch = io.StringIO(), ParamWatch()
+    info = train(spec, prompt_rows(4), tiny_model, tmp_path, 0, Reporter(out), [watch], rewards={"artifact_root": root})
+    assert watch.before and watch.unchanged == []
+    assert info["steps"] == 2
+    logged = [m for m in metrics(out) if "reward" in m]
+    assert len(logged) == 2 and all("kl" in m and "clip_fraction" in m and "entropy" in m for m in logged)
+    assert (tmp_path / info["kind"]).is_dir()
