@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,8 @@ def train(
     method = spec.method
     defaults = {
         "logging_steps": 1,
-        "save_strategy": "no",
+        # Checkpoints only when asked for: train.args save_steps (or save_strategy) turns them on.
+        "save_strategy": "steps" if "save_steps" in spec.args else "no",
         "disable_tqdm": True,
         "seed": seed,
         "per_device_train_batch_size": 8,
@@ -268,7 +270,16 @@ def train(
         lora=bool(spec.lora),
         rows=len(rows),
     )
-    result = trainer.train()
+    ckpt_dir = out_dir / "checkpoints"
+    atomic_checkpoints(trainer, ckpt_dir)
+    last = last_checkpoint(ckpt_dir)
+    if last and method == "ppo":
+        # TRL's PPOTrainer.train() takes no resume_from_checkpoint: it cannot pick up its optimizer or step.
+        report.message(f"train: ppo cannot resume from {last.name} (TRL has no PPO resume); starting from step 0")
+        last = None
+    if last:
+        report.message(f"train: resuming from {last.name}", step=int(last.name.rsplit("-", 1)[1]))
+    result = trainer.train(resume_from_checkpoint=str(last)) if last else trainer.train()
 
     final = out_dir / ("adapter" if spec.lora else "model")
     trainer.save_model(str(final))
@@ -318,6 +329,45 @@ def train(
             }
         )
     return info
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint: only complete ones carry the name `checkpoint-N`."""
+    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+    return max(found)[1] if found else None
+
+
+def atomic_checkpoints(trainer: Any, ckpt_dir: Path) -> None:
+    """Make each checkpoint appear whole or not at all.
+
+    transformers writes `checkpoint-N` in place, so a process killed mid-save leaves a partial
+    folder that a resume would trust. Here the trainer writes into `.staging/` and the finished
+    folder is renamed into `checkpoints/` (one rename, atomic on one filesystem); a stale
+    staging folder from a killed save is cleared first. save_total_limit is applied after.
+    """
+    import shutil
+
+    staging = ckpt_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    original = trainer._save_checkpoint
+
+    def save(model: Any, trial: Any) -> None:
+        trainer.args.output_dir = str(staging)
+        try:
+            original(model, trial)
+        finally:
+            trainer.args.output_dir = str(ckpt_dir)
+        for d in sorted(staging.glob("checkpoint-*")):
+            target = ckpt_dir / d.name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(d, target)
+        limit = trainer.args.save_total_limit
+        done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+        for old in done[:-limit] if limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    trainer._save_checkpoint = save
 
 
 # charter's CPU-sized defaults per method, used only where train.args leaves the key unset.
