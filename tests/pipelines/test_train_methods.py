@@ -197,3 +197,25 @@ def test_ppo_with_a_reward_job(tiny_model, tmp_path, reward_job, lora):
     logged = [m for m in metrics(out) if "reward" in m]
     assert len(logged) == 2 and all("kl" in m and "clip_fraction" in m and "entropy" in m for m in logged)
     assert (tmp_path / info["kind"]).is_dir()
+
+
+def test_grpo_with_a_reward_model_source(tiny_model, tmp_path, reward_job):
+    root, job_id = reward_job
+    spec = TrainSpec.model_validate(
+        {
+            "method": "grpo",
+            "lora": {"r": 4, "alpha": 8},
+            "rewards": [{"type": "reward_model", "model": job_id, "name": "rm"}],
+            "args": {
+                "max_steps": 1,
+                "num_generations": 4,
+                "per_device_train_batch_size": 4,
+                "max_completion_length": 8,
+            },
+        }
+    )
+    out = io.StringIO()
+    train(spec, prompt_rows(4), tiny_model, tmp_path, 0, Reporter(out), rewards={"artifact_root": root})
+    (m,) = [m for m in metrics(out) if "reward" in m]
+    assert m["reward/rm/std"] > 0  # the reward model told the four completions apart
+    assert m["reward"] == pytest.approx(m["reward/rm/mean"], rel=1e-4)
