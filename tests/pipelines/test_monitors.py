@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from charter.pipelines.events import PREFIX, Reporter
-from charter.pipelines.train import MonitorStop, _callback, normalize, train
+from charter.pipelines.monitors import MonitorStop, normalize
+from charter.pipelines.monitors import callback as _callback
+from charter.pipelines.train import train
 from charter.spec import MonitorsSpec, TrainSpec
 
 
