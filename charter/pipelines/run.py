@@ -193,6 +193,7 @@ def run_job(spec: JobSpec, workdir: Path, report: Reporter, judge_url: str, poli
         ),
         trained["kind"]: trained["path"],
         "plot": str(workdir / "train" / "curve.png"),
+        "metrics": str(workdir / "train" / "metrics.json"),
         "report": str(workdir / "report.json"),
     }
     for name, path in artifacts.items():

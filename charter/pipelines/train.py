@@ -122,7 +122,7 @@ def train(
         "disable_tqdm": True,
         "seed": seed,
         "per_device_train_batch_size": 8,
-        **METHOD_DEFAULTS.get(method, {}),
+        **trl_args.METHOD_DEFAULTS.get(method, {}),
     }
     forced = {"report_to": "none", **device_defaults(spec.args)}
     args = {**{k: v for k, v in defaults.items() if k not in spec.args}, **spec.args, **forced}
@@ -283,15 +283,6 @@ def atomic_checkpoints(trainer: Any, ckpt_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
     trainer._save_checkpoint = save
-
-
-# charter's CPU-sized defaults per method, used only where train.args leaves the key unset.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "grpo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
-    "rloo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
-    "ppo": {"response_length": 64, "per_device_train_batch_size": 4, "stop_token": "eos"},
-    "reward": {"max_length": 1024},
-}
 
 
 def _ppo_trainer(

@@ -55,6 +55,17 @@ def config_class(method: str) -> type:
     return classes[method]
 
 
+# charter's CPU-sized defaults per method, used only where train.args leaves the key unset.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
+    "rloo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
+    "ppo": {"response_length": 64, "per_device_train_batch_size": 4, "stop_token": "eos"},
+    "reward": {"max_length": 1024},
+}
+# (The submit-time check applies them too, so a key checked against TRL's default, e.g.
+# num_generations against per_device_train_batch_size, is checked against what will run.)
+
+
 # Config keys charter sets from the spec instead, per method.
 SET_FROM_SPEC = {
     "reward_weights": "set each source's weight in train.rewards",
@@ -174,12 +185,15 @@ def check(method: str, args: dict[str, Any], cpu: bool = True) -> list[dict[str,
     parser = HfArgumentParser(cls)
     with tempfile.TemporaryDirectory() as out:
         base = ["--output_dir", out] + (["--bf16", "false"] if cpu and "bf16" not in args else [])
-        for key, value in args.items():
-            _, msg = _parse(parser, base + _argv(key, value))
+        defaults = METHOD_DEFAULTS.get(method, {})
+        for key, value in args.items():  # each key alone over charter's defaults: the error names it
+            one = {**{k: v for k, v in defaults.items() if k != key}, key: value}
+            _, msg = _parse(parser, base + [a for k, v in one.items() for a in _argv(k, v)])
             if msg:
                 errors.append({"loc": ["train", "args", key], "msg": f"{cls.__name__} rejects {key}={value!r}: {msg}"})
         if not errors:
-            _, msg = _parse(parser, base + [a for k, v in args.items() for a in _argv(k, v)])
+            every = {**{k: v for k, v in defaults.items() if k not in args}, **args}
+            _, msg = _parse(parser, base + [a for k, v in every.items() for a in _argv(k, v)])
             if msg:
                 errors.append({"loc": ["train", "args"], "msg": f"{cls.__name__}: {msg}"})
     return errors

@@ -56,6 +56,11 @@ def ok(train):
             ["train", "args", "reward_weights"],
             "set each source's weight",
         ),
+        (  # checked against charter's CPU default batch of 4, which is what would run
+            {"method": "grpo", "rewards": [{"type": "judge"}], "args": {"num_generations": 8}},
+            ["train", "args", "num_generations"],
+            "num_generations",
+        ),
         ({"method": "kto", "args": {"beta": "x"}}, ["train", "args", "beta"], "KTOConfig rejects"),
         ({"method": "reward", "args": {"beta": 0.1}}, ["train", "args", "beta"], "RewardConfig has no key"),
         (
