@@ -200,6 +200,8 @@ def train(
     trainer.save_model(str(final))
     tok.save_pretrained(final)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    # The whole run's metrics, a resumed run's earlier steps included (they come back with the checkpoint).
+    history = [{"step": h.get("step"), **monitors.normalize(h)} for h in trainer.state.log_history]
     (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
     (final / "charter_train_config.json").write_text(
         json.dumps(

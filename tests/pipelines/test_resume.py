@@ -74,6 +74,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_model, tmp_path):
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics" and "loss" in e["data"]]
     assert steps == [5, 6]  # continued from step 4, not from zero
     assert info["steps"] == 6
+    whole = json.loads((tmp_path / "metrics.json").read_text())  # the earlier steps come back with the checkpoint
+    assert [m["step"] for m in whole if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert not (ckpts / ".staging" / "checkpoint-6").exists()
     assert last_checkpoint(ckpts).name == "checkpoint-6"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
