@@ -9,6 +9,14 @@
     train: {method: dpo, lora: {r: 16, alpha: 32}, args: {beta: 0.1}}
     evaluate: {prompts: builtin:red-team-heldout, limit: 32}
 
+or, for online RL, e.g.
+
+    train:
+      method: grpo                          # or rloo; ppo takes reward_model: <reward job id> instead
+      rewards: [{type: judge, weight: 0.8}, {type: length, max: 120, weight: 0.2}]
+      monitors: {max_kl: 0.5, max_length_factor: 3, stop: true}
+      args: {beta: 0.04, num_generations: 4}
+
 Every model here forbids unknown keys, so a typo is a 422 naming the field. The checks that
 need the outside world (does the model exist, does TRL accept `train.args`) live in
 `charter.validation`.
