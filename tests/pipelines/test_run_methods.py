@@ -92,8 +92,8 @@ def test_grpo_job_with_judge_and_grader_rewards(tiny_server, root):
             "rewards": [{"type": "judge", "weight": 1.0}, {"type": "length", "max": 6, "weight": 0.5}],
             "args": {
                 "max_steps": 2,
-                "num_generations": 4,
-                "per_device_train_batch_size": 4,
+                "num_generations": 2,  # 2 completions x 4 dimensions = 8 judge requests a step
+                "per_device_train_batch_size": 2,
                 "max_completion_length": 8,
             },
         },
