@@ -25,7 +25,15 @@ from charter.errors import CharterError
 Kind = Literal["sft", "preference", "prompts"]
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant", "developer", "tool")
-KINDS_FOR_METHOD: dict[str, tuple[str, ...]] = {"sft": ("sft",), "dpo": ("preference",), "grpo": ("prompts",)}
+KINDS_FOR_METHOD: dict[str, tuple[str, ...]] = {
+    "sft": ("sft",),
+    "dpo": ("preference",),
+    "reward": ("preference",),
+    "kto": ("preference",),
+    "grpo": ("prompts",),
+    "rloo": ("prompts",),
+    "ppo": ("prompts",),
+}
 
 
 class DatasetError(CharterError):

@@ -9,6 +9,14 @@
     train: {method: dpo, lora: {r: 16, alpha: 32}, args: {beta: 0.1}}
     evaluate: {prompts: builtin:red-team-heldout, limit: 32}
 
+or, for online RL, e.g.
+
+    train:
+      method: grpo                          # or rloo; ppo takes reward_model: <reward job id> instead
+      rewards: [{type: judge, weight: 0.8}, {type: length, max: 120, weight: 0.2}]
+      monitors: {max_kl: 0.5, max_length_factor: 3, stop: true}
+      args: {beta: 0.04, num_generations: 4}
+
 Every model here forbids unknown keys, so a typo is a 422 naming the field. The checks that
 need the outside world (does the model exist, does TRL accept `train.args`) live in
 `charter.validation`.
@@ -105,12 +113,140 @@ class LoraSpec(_Strict):
     )
 
 
+class _Source(_Strict):
+    weight: float = Field(1.0, description="This source's weight in the summed reward (TRL's reward_weights).")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The name its metrics carry; defaults to its type."
+    )
+
+
+class RewardModelSource(_Source):
+    type: Literal["reward_model"]
+    model: str = Field(description="A `reward` job's id, or the path of its adapter/ or model/ folder.")
+
+
+class JudgeSource(_Source):
+    type: Literal["judge"]
+
+
+class ExactSource(_Source):
+    type: Literal["exact"]
+    value: str = Field(description="1 when the completion, stripped, equals this; else 0.")
+    case_sensitive: bool = True
+
+
+class RegexSource(_Source):
+    type: Literal["regex"]
+    pattern: str = Field(description="1 when this Python regex matches anywhere in the completion; else 0.")
+    full_match: bool = Field(False, description="Require the whole stripped completion to match.")
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RegexSource:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern is not a valid regular expression: {e}") from None
+        return self
+
+
+class ContainsSource(_Source):
+    type: Literal["contains"]
+    values: list[str] = Field(min_length=1, description="Substrings to look for.")
+    mode: Literal["any", "all", "none"] = Field(
+        "any", description="any: 1 if one is present; all: the fraction present; none: 1 if none is present."
+    )
+    case_sensitive: bool = False
+
+
+class JsonSchemaSource(_Source):
+    # `schema` is the user-facing key; pydantic reserves the attribute name.
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(
+        alias="schema", description="1 when the completion parses as JSON and validates against this JSON Schema."
+    )
+
+    @model_validator(mode="after")
+    def _valid_schema(self) -> JsonSchemaSource:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"schema is not a valid JSON Schema: {e.message}") from None
+        return self
+
+
+class LengthSource(_Source):
+    type: Literal["length"]
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=1)
+    unit: Literal["chars", "words"] = "words"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LengthSource:
+        if self.min is None and self.max is None:
+            raise ValueError("set min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class PythonSource(_Source):
+    type: Literal["python"]
+    function: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:function in a module the operator listed in CHARTER_REWARD_MODULES; called as a TRL "
+        "reward function f(prompts, completions, **kwargs) -> list[float].",
+    )
+
+
+RewardSource = Annotated[
+    RewardModelSource
+    | JudgeSource
+    | ExactSource
+    | RegexSource
+    | ContainsSource
+    | JsonSchemaSource
+    | LengthSource
+    | PythonSource,
+    Field(discriminator="type"),
+]
+
+
+class MonitorsSpec(_Strict):
+    max_kl: float | None = Field(None, gt=0, description="Warn when the logged KL to the reference exceeds this.")
+    max_length_factor: float | None = Field(
+        None, gt=1, description="Warn when mean completion length moves past this factor of its first logged value."
+    )
+    stop: bool = Field(False, description="Stop training (the job fails, saying why) when a monitor fires.")
+
+
+METHODS = ("sft", "dpo", "reward", "kto", "grpo", "rloo", "ppo")
+
+
 class TrainSpec(_Strict):
-    method: Literal["sft", "dpo"] = Field(description="sft trains on the final revisions; dpo on the preference pairs.")
+    method: Literal["sft", "dpo", "reward", "kto", "grpo", "rloo", "ppo"] = Field(
+        description="sft on the final revisions; dpo, reward (Bradley–Terry) and kto on the preference pairs; "
+        "grpo and rloo on the prompts with train.rewards; ppo on the prompts with train.reward_model."
+    )
     lora: LoraSpec | None = Field(None, description="LoRA settings; absent means full fine-tuning.")
     args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keys of TRL's SFTConfig / DPOConfig, checked by TRL's own parser at submit time.",
+        description="Keys of the method's TRL config (SFTConfig, DPOConfig, RewardConfig, KTOConfig, GRPOConfig, "
+        "RLOOConfig, PPOConfig), checked by TRL's own parser at submit time.",
+    )
+    rewards: list[RewardSource] = Field(
+        default_factory=list, description="grpo/rloo: the reward sources, summed with their weights."
+    )
+    reward_model: str | None = Field(
+        None, description="ppo: a `reward` job's id, or the path of its adapter/ or model/ folder."
+    )
+    monitors: MonitorsSpec = Field(default_factory=MonitorsSpec)
+    heldout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="reward: the share of pairs held out to report accuracy and margin."
     )
 
 

@@ -63,12 +63,12 @@ class _TrlValidator:
             self._proc = self._start()
         return self._proc
 
-    def check(self, method: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    def check(self, train: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
             for _attempt in range(2):
                 proc = self._ensure()
                 try:
-                    proc.stdin.write(json.dumps({"method": method, "args": args, "cpu": _cpu_only()}) + "\n")
+                    proc.stdin.write(json.dumps({"train": train, "cpu": _cpu_only()}) + "\n")
                     proc.stdin.flush()
                     line = proc.stdout.readline()
                     if line:
@@ -204,7 +204,7 @@ def validate_job_spec(raw: Any, settings: Settings | None = None, files: FileLoo
             ["evaluate", "prompts"], prompts.load, spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts")
         )
     if not errors and trl_installed():  # the slow check: only ask it about an otherwise good spec
-        errors += _validator.check(spec.train.method, spec.train.args)
+        errors += _validator.check(spec.train.model_dump(mode="json"))
     if errors:
         raise SpecError(errors)
     return checked

@@ -30,7 +30,7 @@ def test_demo_spec_is_valid():
     [
         (lambda s: s.update(colour="red"), ["colour"], "unknown key"),
         (lambda s: s["data"].update(samples_per_prompt=1), ["data"], "samples_per_prompt: 2"),
-        (lambda s: s["train"].update(method="ppo"), ["train", "method"], "'sft' or 'dpo'"),
+        (lambda s: s["train"].update(method="telepathy"), ["train", "method"], "'grpo', 'rloo' or 'ppo'"),
         (lambda s: s.pop("policy"), ["policy"], "required"),
         (lambda s: s["policy"].update(model="org/never-downloaded"), ["policy", "model"], "charter models prepare"),
         (lambda s: s.update(constitution="no-such"), ["constitution"], "shipped name"),

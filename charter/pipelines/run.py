@@ -85,25 +85,50 @@ def run_job(
         report.done(name.split(".")[0], rows=m["rows"], **{k: v for k, v in counts.items() if k != "rows"})
         return rows
 
+    method = spec.train.method
+    online = method in ONLINE
+    label_counts: dict[str, Any] = {}
+    pairs: list[dict] = []
+    sft_rows: list[dict] = []
+    dataset_dir: Path | None = None
     if spec.dataset:  # the user's own data: no generation, critique, revision or labels
         pairs, sft_rows, label_counts = _uploaded_rows(spec, report)
-        parents = []
-    else:
+        if not online:
+            dataset_dir = _export_dataset(wd, pairs, sft_rows, [])
+    elif not online:
         pairs, sft_rows, label_counts, parent = _constitutional_rows(spec, wd, stage, c, judge, policy, report)
-        parents = ["label", parent]
-    dataset_dir = _export_dataset(wd, pairs, sft_rows, parents)
-
-    # train
-    train_rows = sft_rows if spec.train.method == "sft" else pairs
+        dataset_dir = _export_dataset(wd, pairs, sft_rows, ["label", parent])
+    if online:
+        # grpo, rloo and ppo sample from the policy as they train: they need prompts, not pairs.
+        if spec.dataset:
+            train_rows = [{"prompt": r["prompt"]} for r in pairs + sft_rows if "prompt" in r]
+        else:
+            assert spec.prompts is not None
+            train_rows = [{"prompt": p} for p in prompts.load(spec.prompts.source, spec.prompts.limit)]
+    else:
+        train_rows = sft_rows if method == "sft" else pairs
     if not train_rows:
         raise RuntimeError(
-            f"no {'SFT rows' if spec.train.method == 'sft' else 'preference pairs'} to train on: "
+            f"no {'SFT rows' if method == 'sft' else 'preference pairs'} to train on: "
             f"label stage counts {label_counts}; raise prompts.limit or use disagreement: keep"
         )
+
+    # train
     if not wd.done("train"):
-        info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report)
+        ctx = {
+            "constitution": c,
+            "judge_engine": judge,
+            "judge_retries": spec.judge.retries,
+            "artifact_root": workdir.parent,
+        }
+        info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report, rewards=ctx)
         wd.finish(
-            "train", info["kind"], None, ["dataset"], {"steps": info["steps"], "rows": info["rows"]}, {"result": info}
+            "train",
+            info["kind"],
+            None,
+            ["prompts" if online else "dataset"],
+            {"steps": info["steps"], "rows": info["rows"]},
+            {"result": info},
         )
         report.done("train", **{k: v for k, v in info.items() if k in ("steps", "train_loss", "final_loss")})
     else:
@@ -113,14 +138,20 @@ def run_job(
     # evaluate
     report_json: dict[str, Any] = {
         "job": spec.name,
-        "method": spec.train.method,
+        "method": method,
         "pairs": label_counts.get("pairs"),
         "position_agreement": label_counts.get("position_agreement"),
         "label_counts": label_counts,
         "sft_rows": len(sft_rows),
-        "train": {k: trained.get(k) for k in ("steps", "train_loss", "first_loss", "final_loss")},
+        "train": {
+            k: trained.get(k)
+            for k in ("steps", "train_loss", "first_loss", "final_loss", "first_reward", "final_reward", "heldout")
+            if k in trained
+        },
     }
-    if spec.evaluate:
+    if spec.evaluate and method == "reward":
+        report.message("evaluate: a reward model is not a policy; its held-out accuracy and margin are in the report")
+    elif spec.evaluate:
         ev_prompts = prompts.load(spec.evaluate.prompts, spec.evaluate.limit, ("evaluate", "prompts"))
         if not wd.done("evaluate"):
             ev_rows, summary = evaluate(
@@ -143,11 +174,18 @@ def run_job(
     write_atomic(workdir / "report.json", json.dumps(report_json, indent=2))
 
     artifacts = {
-        "dataset": str(dataset_dir),
-        "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
-        "sft_jsonl": str(dataset_dir / "sft.jsonl"),
+        **(
+            {
+                "dataset": str(dataset_dir),
+                "dataset_jsonl": str(dataset_dir / "pairs.jsonl"),
+                "sft_jsonl": str(dataset_dir / "sft.jsonl"),
+            }
+            if dataset_dir
+            else {}
+        ),
         trained["kind"]: trained["path"],
         "plot": str(workdir / "train" / "curve.png"),
+        "metrics": str(workdir / "train" / "metrics.json"),
         "report": str(workdir / "report.json"),
     }
     for name, path in artifacts.items():
@@ -194,7 +232,7 @@ def _constitutional_rows(
             parent = f"revise.r{r}"
         revised = rows
 
-        # label: preference pairs (dpo), or SFT rows from the final revisions (sft)
+        # label: preference pairs (dpo, reward, kto), and SFT rows from the final revisions (sft)
         pairs = labelled.result() if labelled else label_stage(revised, parent, report)
     finally:
         beside.shutdown(wait=False, cancel_futures=True)
@@ -215,6 +253,9 @@ def _uploaded_rows(spec: JobSpec, report: Reporter) -> tuple[list[dict], list[di
     if kind == "preference":
         counts["pairs"] = len(rows)
     return (rows, [], counts) if kind == "preference" else ([], rows, counts)
+
+
+ONLINE = ("grpo", "rloo", "ppo")
 
 
 def _export_dataset(wd: Workdir, pairs: list[dict], sft_rows: list[dict], parents: list[str]) -> Path:

@@ -36,15 +36,105 @@ OWNED = {
 
 
 def config_class(method: str) -> type:
-    if method == "sft":
-        from trl import SFTConfig
+    import trl
 
-        return SFTConfig
-    if method == "dpo":
-        from trl import DPOConfig
+    if method == "ppo":
+        from trl.experimental.ppo import PPOConfig
 
-        return DPOConfig
-    raise ValueError(f"unknown method {method!r}")
+        return PPOConfig
+    classes = {
+        "sft": trl.SFTConfig,
+        "dpo": trl.DPOConfig,
+        "reward": trl.RewardConfig,
+        "kto": trl.KTOConfig,
+        "grpo": trl.GRPOConfig,
+        "rloo": trl.RLOOConfig,
+    }
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r}")
+    return classes[method]
+
+
+# charter's CPU-sized defaults per method, used only where train.args leaves the key unset.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
+    "rloo": {"max_completion_length": 64, "num_generations": 4, "per_device_train_batch_size": 4},
+    "ppo": {"response_length": 64, "per_device_train_batch_size": 4, "stop_token": "eos"},
+    "reward": {"max_length": 1024},
+}
+# (The submit-time check applies them too, so a key checked against TRL's default, e.g.
+# num_generations against per_device_train_batch_size, is checked against what will run.)
+
+
+# Config keys charter sets from the spec instead, per method.
+SET_FROM_SPEC = {
+    "reward_weights": "set each source's weight in train.rewards",
+    "reward_model_path": "name the reward model in train.reward_model",
+    "sft_model_path": "the policy is policy.model",
+}
+
+
+def check_train(train: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]:
+    """Everything about a job's `train` section that needs TRL or the operator's modules:
+    method-specific requirements, python reward functions, then `train.args` by TRL's parser."""
+    from charter.spec import TrainSpec
+
+    spec = TrainSpec.model_validate(train)
+    errors: list[dict[str, Any]] = []
+    m = spec.method
+    if m in ("grpo", "rloo") and not spec.rewards:
+        errors.append(
+            {
+                "loc": ["train", "rewards"],
+                "msg": f"{m} needs at least one reward source, e.g. rewards: [{{type: judge}}] or "
+                "[{type: length, max: 64}]",
+            }
+        )
+    if m not in ("grpo", "rloo") and spec.rewards:
+        errors.append(
+            {"loc": ["train", "rewards"], "msg": f"rewards are read by grpo and rloo only, not {m}; remove them"}
+        )
+    if m == "ppo" and not spec.reward_model:
+        errors.append(
+            {
+                "loc": ["train", "reward_model"],
+                "msg": "ppo needs a reward model: set train.reward_model to a `reward` job's id or output folder",
+            }
+        )
+    if m != "ppo" and spec.reward_model:
+        errors.append(
+            {
+                "loc": ["train", "reward_model"],
+                "msg": f"reward_model is read by ppo only, not {m}; for grpo/rloo "
+                "use rewards: [{type: reward_model, model: …}]",
+            }
+        )
+    if spec.reward_model:
+        errors += _reward_model_error(["train", "reward_model"], spec.reward_model)
+    for i, src in enumerate(spec.rewards):
+        if src.type == "python":
+            from charter.pipelines.rewards import load_python
+
+            try:
+                load_python(src.function)
+            except ValueError as e:
+                errors.append({"loc": ["train", "rewards", i, "function"], "msg": str(e)})
+        elif src.type == "reward_model":
+            errors += _reward_model_error(["train", "rewards", i, "model"], src.model)
+    for key in spec.args:
+        if key in SET_FROM_SPEC:
+            errors.append({"loc": ["train", "args", key], "msg": f"{key} is set by charter: {SET_FROM_SPEC[key]}"})
+    return errors or check(m, spec.args, cpu)
+
+
+def _reward_model_error(loc: list, ref: str) -> list[dict[str, Any]]:
+    from charter.pipelines.rewards import resolve_reward_model
+
+    try:
+        resolve_reward_model(ref)
+    except ValueError as e:
+        return [{"loc": loc, "msg": str(e)}]
+    return []
 
 
 def _argv(key: str, value: Any) -> list[str]:
@@ -95,12 +185,15 @@ def check(method: str, args: dict[str, Any], cpu: bool = True) -> list[dict[str,
     parser = HfArgumentParser(cls)
     with tempfile.TemporaryDirectory() as out:
         base = ["--output_dir", out] + (["--bf16", "false"] if cpu and "bf16" not in args else [])
-        for key, value in args.items():
-            _, msg = _parse(parser, base + _argv(key, value))
+        defaults = METHOD_DEFAULTS.get(method, {})
+        for key, value in args.items():  # each key alone over charter's defaults: the error names it
+            one = {**{k: v for k, v in defaults.items() if k != key}, key: value}
+            _, msg = _parse(parser, base + [a for k, v in one.items() for a in _argv(k, v)])
             if msg:
                 errors.append({"loc": ["train", "args", key], "msg": f"{cls.__name__} rejects {key}={value!r}: {msg}"})
         if not errors:
-            _, msg = _parse(parser, base + [a for k, v in args.items() for a in _argv(k, v)])
+            every = {**{k: v for k, v in defaults.items() if k not in args}, **args}
+            _, msg = _parse(parser, base + [a for k, v in every.items() for a in _argv(k, v)])
             if msg:
                 errors.append({"loc": ["train", "args"], "msg": f"{cls.__name__}: {msg}"})
     return errors
@@ -119,14 +212,17 @@ def build(method: str, args: dict[str, Any], output_dir: str, overrides: dict[st
 
 
 def serve() -> None:
-    """Answer {"method", "args", "cpu"} lines with {"errors": [...]} lines until stdin closes."""
+    """Answer {"train"} (or {"method", "args"}) + "cpu" lines with {"errors": [...]} lines until stdin closes."""
     import transformers  # noqa: F401  (pay the import once, before the first request)
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            out = {"errors": check(req["method"], req["args"], req.get("cpu", True))}
+            if "train" in req:
+                out = {"errors": check_train(req["train"], req.get("cpu", True))}
+            else:
+                out = {"errors": check(req["method"], req["args"], req.get("cpu", True))}
         except Exception as e:  # a bug here must not take the validator down
             out = {"errors": [{"loc": ["train", "args"], "msg": f"could not check train.args: {e}"}]}
         print(json.dumps(out), flush=True)
@@ -135,7 +231,7 @@ def serve() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Check train.args with TRL's own parser (used by the API).")
     ap.add_argument("--serve", action="store_true", help="answer JSON-line requests on stdin")
-    ap.add_argument("--method", choices=["sft", "dpo"])
+    ap.add_argument("--method", choices=["sft", "dpo", "reward", "kto", "grpo", "rloo", "ppo"])
     ap.add_argument("--args", help="a JSON object of TRL config keys")
     ns = ap.parse_args()
     if ns.serve:

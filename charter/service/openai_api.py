@@ -11,7 +11,7 @@ validated like any other spec, so a bad field is a 400 naming the OpenAI paramet
 
 | OpenAI                                   | charter                                             |
 |------------------------------------------|-----------------------------------------------------|
-| method.type supervised / dpo / reinforcement | train.method sft / dpo / grpo                   |
+| method.type supervised / dpo / reinforcement | train.method sft / dpo / (refused: use grpo jobs) |
 | training_file                            | dataset.source                                      |
 | hyperparameters n_epochs                 | train.args.num_train_epochs                         |
 | batch_size                               | train.args.per_device_train_batch_size              |
@@ -26,7 +26,6 @@ Every charter job is also visible here as a `fine_tuning.job`. Statuses map one 
 
 from __future__ import annotations
 
-import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,7 +41,6 @@ from charter.service.db import Event, Job, JobStatus
 from charter.service.files import FileStore
 from charter.service.openai_errors import OpenAIError, OpenAIRoute
 from charter.service.store import JobNotFound, JobStore
-from charter.spec import TrainSpec
 
 METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 OPENAI_TYPE = {v: k for k, v in METHODS.items()}
@@ -195,11 +193,12 @@ def to_spec(body: FineTuningJobCreate) -> dict[str, Any]:
     """An OpenAI create request → a charter job spec (validated afterwards like any spec)."""
     method = body.method or Method(type="supervised")
     kind = METHODS[method.type]
-    if kind not in typing.get_args(TrainSpec.model_fields["method"].annotation):
+    if kind == "grpo":
         raise OpenAIError(
             400,
-            f"method.type {method.type} maps to charter's {kind} trainer, which this charter version does not have "
-            "yet; use supervised or dpo",
+            "method.type reinforcement is not mapped yet: OpenAI graders read fields of each training row "
+            "({{item.…}}), which charter's reward sources do not; submit a charter job (POST /v1/jobs) with "
+            "train.method grpo and train.rewards (exact, regex, contains, json_schema, length, judge, reward_model)",
             "method.type",
             "unsupported_method",
         )
@@ -224,8 +223,6 @@ def to_spec(body: FineTuningJobCreate) -> dict[str, Any]:
     if hyper.learning_rate_multiplier not in (None, "auto"):
         args["learning_rate"] = hyper.learning_rate_multiplier * BASE_LR[kind]
     train: dict[str, Any] = {"method": kind, "lora": body.charter.lora, "args": {**args, **body.charter.args}}
-    if kind == "grpo":
-        train["rewards"] = [_reward(section.grader)]
     spec: dict[str, Any] = {
         "name": body.suffix or f"{method.type}-{Path(body.model).name}",
         "policy": {"model": body.model},
@@ -239,25 +236,6 @@ def to_spec(body: FineTuningJobCreate) -> dict[str, Any]:
         if (value := getattr(body.charter, key)) is not None:
             spec[key] = value
     return spec
-
-
-def _reward(grader: dict[str, Any] | None) -> dict[str, Any]:
-    """An OpenAI grader → a charter reward source (train.rewards)."""
-    kind = (grader or {}).get("type")
-    if kind == "string_check":
-        op = {"eq": "exact", "like": "contains", "ilike": "contains"}.get(grader.get("operation", "eq"))
-        if op is None:
-            raise OpenAIError(400, "string_check operation must be eq, like or ilike", "method.reinforcement.grader")
-        return {"type": op, "reference": grader.get("reference"), "weight": 1.0}
-    if kind == "text_similarity":
-        return {"type": "text_similarity", "reference": grader.get("reference"), "weight": 1.0}
-    if kind == "score_model":
-        return {"type": "judge", "weight": 1.0}
-    raise OpenAIError(
-        400,
-        f"grader type {kind!r} is not supported; use string_check, text_similarity or score_model (the judge)",
-        "method.reinforcement.grader",
-    )
 
 
 # -- job → response ---------------------------------------------------------------------

@@ -159,6 +159,7 @@ class _JobRun:
         except Exception as exc:
             self.log.exception("preparing %s failed", self.job.id)
             return self.finish(JobStatus.FAILED, error=f"could not start the job: {exc}")
+        self._beat_now()  # servers can take minutes: read a cancel that came meanwhile, not a beat late
         if (reason := self._stop_reason()) is not None:  # asked to stop while the servers started
             return self._conclude(None, reason)
 
@@ -190,13 +191,16 @@ class _JobRun:
         """Renew the lease every ≤2 s until the run ends; note a requested cancel or a lost lease."""
         interval = min(self.worker.settings.heartbeat_seconds, 2.0)  # a cancel acts within ~2 s
         while not self._done.wait(interval):
-            try:
-                if self.store.heartbeat(self.job.id, self.worker.worker_id, self.attempt) == JobStatus.CANCELLING:
-                    self.cancel_requested = True
-            except LeaseLost:
-                self.lost = True
-            except Exception:  # the database hiccuped; the lease has slack, try again next beat
-                self.log.warning("heartbeat for %s failed", self.job.id, exc_info=True)
+            self._beat_now()
+
+    def _beat_now(self) -> None:
+        try:
+            if self.store.heartbeat(self.job.id, self.worker.worker_id, self.attempt) == JobStatus.CANCELLING:
+                self.cancel_requested = True
+        except LeaseLost:
+            self.lost = True
+        except Exception:  # the database hiccuped; the lease has slack, try again next beat
+            self.log.warning("heartbeat for %s failed", self.job.id, exc_info=True)
 
     def _stop_reason(self) -> str | None:
         if self.lost:

@@ -116,7 +116,7 @@ def _json(body: Any) -> dict[str, Any]:
 BAD_REQUESTS: list[tuple[str, dict[str, Any], list[Any], str]] = [
     # (case, request kwargs, loc expected in one error, text expected in that error's msg)
     ("unknown top-level key", _json(spec(colour="red")), ["colour"], "unknown key"),
-    ("train.method ppo", _json(spec(train={"method": "ppo"})), ["train", "method"], "ppo"),
+    ("train.method telepathy", _json(spec(train={"method": "telepathy"})), ["train", "method"], "telepathy"),
     ("samples_per_prompt 0", _json(spec(data={"samples_per_prompt": 0})), ["data", "samples_per_prompt"], "1"),
     ("ai labels need two samples", _json(spec(data={"samples_per_prompt": 1})), ["data"], "samples_per_prompt: 2"),
     ("missing policy", _json({k: v for k, v in spec().items() if k != "policy"}), ["policy"], "required"),

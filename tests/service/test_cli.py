@@ -229,7 +229,7 @@ def test_client_commands_against_charter_serve(tmp_path: Path, capsys: pytest.Ca
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.split() == ["ID", "STATUS", "STAGE", "CREATED", "NAME"]
         (tmp_path / "bad.yaml").write_text(
-            "name: x\npolicy: {model: smollm2-135m}\nprompts: {source: 'builtin:red-team'}\ntrain: {method: ppo}\n"
+            "name: x\npolicy: {model: smollm2-135m}\nprompts: {source: 'builtin:red-team'}\ntrain: {method: telepathy}\n"
         )
 
         bad = charter("submit", str(tmp_path / "bad.yaml"), env=env)

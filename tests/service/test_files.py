@@ -207,7 +207,7 @@ def test_fine_tuning_create_maps_hyperparameters(sdk: openai.OpenAI, app_client:
         sdk.fine_tuning.jobs.retrieve("job-000000000000")
     with pytest.raises(openai.BadRequestError) as e:
         sdk.fine_tuning.jobs.create(model="tiny", training_file=prefs.id, method={"type": "reinforcement"})
-    assert e.value.body["param"] == "method.type" or "grader" in e.value.body["message"]
+    assert e.value.body["param"] == "method.type" and "train.rewards" in e.value.body["message"]
 
 
 def test_fine_tuning_list_pages_with_after(sdk: openai.OpenAI) -> None:
