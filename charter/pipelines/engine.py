@@ -16,6 +16,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+# At module level, not lazily: a job's label stage runs in a thread beside critique/revise, and
+# two threads importing httpx at once can see it half-initialised (a circular-import error).
+import httpx
+import openai
+from openai import AsyncOpenAI
+
 from charter.errors import JudgeError
 
 T = TypeVar("T")
@@ -55,8 +61,6 @@ class Engine:
         retries: int = 3,
         api_key: str = "EMPTY",
     ):
-        from openai import AsyncOpenAI
-
         urls = [u.strip() for u in base_urls.split(",")] if isinstance(base_urls, str) else list(base_urls)
         self.urls = urls
         self.name = name
@@ -80,8 +84,6 @@ class Engine:
         return self._model
 
     async def _call(self, fn: Callable[[Any], Awaitable[T]], valid: Callable[[Any], bool] = _has_choices) -> T:
-        import openai
-
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrency)
         last: Exception | None = None
@@ -150,8 +152,6 @@ class Engine:
 
     async def token_ids(self, text: str) -> list[int] | None:
         """`text` as the served model's token ids, from vLLM's `/tokenize`; None if the server has none."""
-        import httpx
-
         model = await self.model()
         root = self.urls[0].removesuffix("/").removesuffix("/v1")
         try:

@@ -54,7 +54,8 @@ def job_pids(workdir: Path) -> list[int]:
             state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"charter.pipelines.run" in args and str(workdir).encode() in args and state not in "ZX":
+        guard = b"charter.service.jobguard" in args  # the job's parent; the job itself is what dies here
+        if b"charter.pipelines.run" in args and str(workdir).encode() in args and state not in "ZX" and not guard:
             pids.append(int(cmdline.parent.name))
     return pids
 
