@@ -72,8 +72,7 @@ class Engine:
         self._model = model
         self.usage = Usage()
         self._sem: asyncio.Semaphore | None = None
-        self._letter_ids: dict[str, list[int]] | None = None
-        self._letter_ids_known = False
+        self._letter_ids: dict[tuple[str, ...], dict[str, list[int]] | None] = {}
 
     async def model(self) -> str:
         if self._model is None:
@@ -132,19 +131,22 @@ class Engine:
             self.usage.prompt_tokens += r.usage.prompt_tokens
         return [c.message.content for c in r.choices]
 
-    async def first_token_logprobs(self, messages: Messages, k: int = 20) -> dict[str, float] | None:
-        """The top-k {token: logprob} of the judge's first answer token (one token generated)."""
+    async def _one_token(self, messages: Messages, **kw: Any) -> Any:
+        """A greedy one-token request (the judge's first answer token); prompt tokens counted."""
         model = await self.model()
 
         async def go(c: Any) -> Any:
-            return await c.chat.completions.create(
-                model=model, messages=messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=k
-            )
+            return await c.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0.0, **kw)
 
         r = await self._call(go)
         self.usage.requests += 1
         if r.usage:
             self.usage.prompt_tokens += r.usage.prompt_tokens
+        return r
+
+    async def first_token_logprobs(self, messages: Messages, k: int = 20) -> dict[str, float] | None:
+        """The top-k {token: logprob} of the judge's first answer token (one token generated)."""
+        r = await self._one_token(messages, logprobs=True, top_logprobs=k)
         lp = r.choices[0].logprobs if r.choices else None
         if not lp or not lp.content:
             return None
@@ -167,7 +169,8 @@ class Engine:
         Cached per engine; None when the server cannot tokenize (not vLLM) or a letter has no
         single-token spelling, and the caller falls back to top-k logprobs.
         """
-        if not self._letter_ids_known:
+        key = tuple(letters)
+        if key not in self._letter_ids:
             out: dict[str, list[int]] = {}
             for letter in letters:
                 spellings = await asyncio.gather(*(self.token_ids(s) for s in (letter, " " + letter)))
@@ -176,8 +179,8 @@ class Engine:
                     out = {}
                     break
                 out[letter] = ids
-            self._letter_ids, self._letter_ids_known = out or None, True
-        return self._letter_ids
+            self._letter_ids[key] = out or None
+        return self._letter_ids[key]
 
     async def token_logprobs(self, messages: Messages, token_ids: Sequence[int]) -> dict[int, float] | None:
         """The exact logprobs of `token_ids` as the judge's first answer token, in one request.
@@ -186,22 +189,11 @@ class Engine:
         log-softmax: no top-k cut-off, no `prompt_logprobs` pass (which computes logits at
         every prompt position and bypasses the prefix cache). None if the server ignored it.
         """
-        model = await self.model()
-
-        async def go(c: Any) -> Any:
-            return await c.chat.completions.create(
-                model=model,
-                messages=messages,
-                max_tokens=1,
-                temperature=0.0,
-                logprobs=True,
-                extra_body={"logprob_token_ids": list(token_ids), "return_tokens_as_token_ids": True},
-            )
-
-        r = await self._call(go)
-        self.usage.requests += 1
-        if r.usage:
-            self.usage.prompt_tokens += r.usage.prompt_tokens
+        r = await self._one_token(
+            messages,
+            logprobs=True,
+            extra_body={"logprob_token_ids": list(token_ids), "return_tokens_as_token_ids": True},
+        )
         lp = r.choices[0].logprobs if r.choices else None
         if not lp or not lp.content:
             return None
@@ -213,21 +205,10 @@ class Engine:
 
     async def prompt_logprobs(self, messages: Messages) -> list | None:
         """vLLM's logprobs of the prompt tokens, the last message continued (not closed)."""
-        model = await self.model()
-
-        async def go(c: Any) -> Any:
-            return await c.chat.completions.create(
-                model=model,
-                messages=messages,
-                max_tokens=1,
-                temperature=0.0,
-                extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0},
-            )
-
-        r = await self._call(go)
-        self.usage.requests += 1
-        if r.usage:
-            self.usage.prompt_tokens += r.usage.prompt_tokens
+        r = await self._one_token(
+            messages,
+            extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0},
+        )
         return (r.model_extra or {}).get("prompt_logprobs")
 
     async def close(self) -> None:

@@ -29,34 +29,40 @@ class Verdict:
     p_orders: tuple[float, float]  # P(A) as shown in order 1 and in order 2
 
 
-async def _p_a(judge: Engine, msgs: Messages, retries: int) -> float | None:
-    """P(A) over {A, B}: the judge's probability of each letter as its first answer token.
+async def p_first(judge: Engine, msgs: Messages, words: tuple[str, str], retries: int) -> float | None:
+    """P(words[0]) over the two words as the judge's first answer token (A/B, Yes/No).
 
-    On vLLM, one request reads the exact logprobs of the letters' tokens ("A", " A", "B",
-    " B"; `logprob_token_ids`). Elsewhere the letters are read from the first token's top-20
-    logprobs, and a letter outside the top 20 is scored exactly by sending the answer already
+    On vLLM, one request reads the exact logprobs of the words' tokens ("A", " A", "B",
+    " B"; `logprob_token_ids`). Elsewhere they are read from the first token's top-20
+    logprobs, and a word outside the top 20 is scored exactly by sending the answer already
     begun with it and reading its prompt logprob.
     """
-    ids = await judge.letter_token_ids(("A", "B"))
+    first, second = words
+    ids = await judge.letter_token_ids(words)
     for _ in range(retries + 1):
         if ids is not None:
             got = await judge.token_logprobs(msgs, [i for v in ids.values() for i in v])
             if got is not None:
                 lp = {x: J.logsumexp([got[i] for i in v]) for x, v in ids.items()}
                 if all(v is not None for v in lp.values()):
-                    return J.preference(lp["A"], lp["B"])
+                    return J.preference(lp[first], lp[second])
                 continue
         top = await judge.first_token_logprobs(msgs)
-        lp = {x: J.letter_logprob(top, x) for x in ("A", "B")}
+        lp = {x: J.letter_logprob(top, x) for x in words}
         missing = [x for x, v in lp.items() if v is None]
         if missing:
             exact = await asyncio.gather(
                 *(judge.prompt_logprobs(msgs + [{"role": "assistant", "content": x}]) for x in missing)
             )
             lp.update({x: J.parse_letter_logprob(e, x) for x, e in zip(missing, exact, strict=True)})
-        if lp["A"] is not None and lp["B"] is not None:
-            return J.preference(lp["A"], lp["B"])
+        if lp[first] is not None and lp[second] is not None:
+            return J.preference(lp[first], lp[second])
     return None
+
+
+async def _p_a(judge: Engine, msgs: Messages, retries: int) -> float | None:
+    """P(A) over {A, B}."""
+    return await p_first(judge, msgs, ("A", "B"), retries)
 
 
 async def compare(

@@ -26,6 +26,7 @@ from typing import Any
 
 from charter.constitution import Constitution
 from charter.pipelines import judge as J
+from charter.pipelines.label import p_first
 from charter.spec import (
     ContainsSource,
     ExactSource,
@@ -161,19 +162,9 @@ def dimension_messages(c: Constitution, prompt: Messages | str, response: str, d
 
 
 async def p_yes(engine: Any, msgs: Messages, retries: int) -> float | None:
-    """P(Yes) over {Yes, No} as the judge's first token; a word outside the top 20 is scored exactly."""
-    for _ in range(retries + 1):
-        top = await engine.first_token_logprobs(msgs)
-        lp = {w: J.letter_logprob(top, w) for w in ("Yes", "No")}
-        missing = [w for w, v in lp.items() if v is None]
-        if missing:
-            exact_lps = await asyncio.gather(
-                *(engine.prompt_logprobs(msgs + [{"role": "assistant", "content": w}]) for w in missing)
-            )
-            lp.update({w: J.parse_letter_logprob(e, w) for w, e in zip(missing, exact_lps, strict=True)})
-        if lp["Yes"] is not None and lp["No"] is not None:
-            return J.preference(lp["Yes"], lp["No"])
-    return None
+    """P(Yes) over {Yes, No} as the judge's first token (scored as the A/B labels are)."""
+
+    return await p_first(engine, msgs, ("Yes", "No"), retries)
 
 
 def judge_scores(

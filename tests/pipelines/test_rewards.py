@@ -123,11 +123,11 @@ def test_judge_scores_each_dimension_concurrently(tiny_server):
     in_flight = {"now": 0, "max": 0}
 
     class Counting(Engine):
-        async def first_token_logprobs(self, messages, k=20):
+        async def _one_token(self, messages, **kw):  # every judge scoring request goes through it
             in_flight["now"] += 1
             in_flight["max"] = max(in_flight["max"], in_flight["now"])
             try:
-                return await super().first_token_logprobs(messages, k)
+                return await super()._one_token(messages, **kw)
             finally:
                 in_flight["now"] -= 1
 
