@@ -36,11 +36,12 @@ TINY_JOB = {
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def serve(home: Path, port: int) -> subprocess.Popen:
+def serve(home: Path, port: int, *args: str) -> subprocess.Popen:
+    """`charter serve` (plus `args`, e.g. --no-worker) as its own process; returns once healthy."""
     env = {**os.environ, "CHARTER_HOME": str(home), "CHARTER_VLLM_KVCACHE_GIB": "1", "CHARTER_HEARTBEAT_SECONDS": "2"}
     log = open(home / "serve.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "charter.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "charter.cli", "serve", "--port", str(port), *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,29 +21,15 @@ import pytest
 
 from charter.pipelines.servers import free_port
 
+from ..test_integration_api import serve
+
 pytestmark = pytest.mark.integration
 
 SPEC = {"policy": {"model": "tiny"}, "prompts": {"source": "builtin:red-team", "limit": 2}, "train": {"method": "dpo"}}
 
 
 def start(home: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "CHARTER_HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "charter.cli", "serve", "--no-worker", "--port", str(port)],
-        env=env,
-        stdout=open(home / "serve.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("charter serve did not start:\n" + (home / "serve.log").read_text()[-2000:])
+    return serve(home, port, "--no-worker")
 
 
 def test_every_acknowledged_submission_survives_api_restarts(tmp_path: Path, fault: Any) -> None:
