@@ -19,7 +19,7 @@ from typing import Any
 class FaultServer:
     def __init__(self, mode: str, delay_s: float = 0.0):
         self.mode, self.delay_s = mode, delay_s
-        self.hits: list[tuple[float, str, bool]] = []  # (time, path, a one-token request)
+        self.hits: list[tuple[float, str]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._server.block_on_close = False  # a handler still sleeping (mode slow) is not waited for
@@ -33,14 +33,8 @@ class FaultServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def completion_hits(self, scoring: bool | None = None) -> list[float]:
-        """Times of chat-completion requests; `scoring` picks the one-token (A/B, Yes/No) requests
-        (True) or the free-text ones (False)."""
-        return [
-            t
-            for t, path, one in self.hits
-            if path.endswith("/chat/completions") and (scoring is None or one == scoring)
-        ]
+    def completion_hits(self) -> list[float]:
+        return [t for t, path in self.hits if path.endswith("/chat/completions")]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fault = self
@@ -60,7 +54,7 @@ class FaultServer:
                     pass
 
             def do_GET(self) -> None:
-                fault.hits.append((time.monotonic(), self.path, False))
+                fault.hits.append((time.monotonic(), self.path))
                 if self.path.endswith("/models"):
                     self._send(
                         200, json.dumps({"object": "list", "data": [{"id": "judge", "object": "model"}]}).encode()
@@ -69,12 +63,8 @@ class FaultServer:
                     self._send(404, b'{"error": "not found"}')
 
             def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
-                try:
-                    one_token = json.loads(raw).get("max_tokens") == 1
-                except (ValueError, AttributeError):
-                    one_token = False
-                fault.hits.append((time.monotonic(), self.path, one_token))
+                fault.hits.append((time.monotonic(), self.path))
+                self.rfile.read(int(self.headers.get("content-length", 0)))
                 if fault.mode == "slow":
                     time.sleep(fault.delay_s)
                     self._send(200, json.dumps(_completion("late")).encode())
