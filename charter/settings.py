@@ -53,6 +53,13 @@ class Settings:
     max_queued_jobs: int = 100  # jobs one tenant may have queued at once
     log_format: str = "text"  # text | json (one JSON object a line, with job_id)
     worker_labels: tuple[str, ...] = ()  # a worker takes only jobs whose resources.labels it all has
+    # Folders whose files a job spec may name by path (CHARTER_DATA_ROOTS); models_dir always is one.
+    data_roots: tuple[Path, ...] = ()
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Every folder a spec's local paths may lie under: the prepared models, then CHARTER_DATA_ROOTS."""
+        return (self.models_dir, *self.data_roots)
 
     @property
     def auth_required(self) -> bool:
@@ -93,6 +100,7 @@ class Settings:
             max_queued_jobs=_number("CHARTER_MAX_QUEUED_JOBS", "100", int),
             log_format=_choice("CHARTER_LOG_FORMAT", "text", ("text", "json")),
             worker_labels=parse_labels(env("CHARTER_WORKER_LABELS", ""), "CHARTER_WORKER_LABELS"),
+            data_roots=parse_roots(env("CHARTER_DATA_ROOTS", str(home / "data"))),
             job_memory_mb=_number("CHARTER_JOB_MEMORY_MB", "0", int),
             job_retries=_number("CHARTER_JOB_RETRIES", "1", int),
         )
@@ -111,6 +119,15 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise SettingsError(f"{name}={raw!r}: use one of {', '.join(choices)}")
     return raw
+
+
+def parse_roots(raw: str) -> tuple[Path, ...]:
+    """'/data/models:/data/shared' → absolute paths; empty entries are skipped, `~` expanded."""
+    roots = [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+    relative = [str(r) for r in roots if not r.is_absolute()]
+    if relative:
+        raise SettingsError(f"CHARTER_DATA_ROOTS: each root must be an absolute path, not {relative[0]!r}")
+    return tuple(roots)
 
 
 def parse_labels(raw: str, where: str = "labels") -> tuple[str, ...]:

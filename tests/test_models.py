@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import time
 
@@ -5,6 +6,7 @@ import pytest
 
 from charter import models
 from charter.errors import ModelNotFound
+from charter.settings import Settings
 
 
 def test_prepare_is_done_once(tiny_model):
@@ -33,8 +35,9 @@ def test_resolve(tmp_path, tiny_model):
     assert models.resolve("tiny") == tiny_model
     assert models.resolve(tiny_model) == tiny_model  # a local folder
     (tmp_path / "empty").mkdir()
+    here = dataclasses.replace(Settings.from_env(), data_roots=(tmp_path,))  # as an operator lists a models folder
     with pytest.raises(ModelNotFound, match="no config.json"):
-        models.resolve(str(tmp_path / "empty"))
+        models.resolve(str(tmp_path / "empty"), here)
     with pytest.raises(ModelNotFound, match="charter models prepare"):
         models.resolve("someorg/somemodel")
     with pytest.raises(ModelNotFound, match="choose one of"):
@@ -52,3 +55,15 @@ def test_local_vllm_servers_run_float32_on_cpus_without_bf16(monkeypatch):
     assert servers.default_dtype() == "float32"
     monkeypatch.setattr(servers, "cpu_has_bf16", lambda: True)
     assert servers.default_dtype() == "auto"
+
+
+def test_local_vllm_servers_load_safetensors_and_no_model_code(monkeypatch, tmp_path):
+    from charter.pipelines import servers
+
+    started = {}
+    monkeypatch.setattr(servers.subprocess, "Popen", lambda cmd, **kw: started.setdefault("cmd", cmd))
+    servers.start_server("/models/tiny", 1234, tmp_path / "log", kvcache_gib=1)
+    cmd = started["cmd"]
+    assert cmd[cmd.index("--load-format") + 1] == "safetensors"
+    assert not any("trust-remote-code" in a or "trust_remote_code" in a for a in cmd)
+    assert models.SAFE_WEIGHTS == {"trust_remote_code": False, "use_safetensors": True}

@@ -8,6 +8,7 @@ import yaml
 
 from charter import validation
 from charter.errors import SpecError
+from tests.conftest import MODELS  # a data root in the tests: CHARTER_MODELS_DIR always is one
 
 DEMO = yaml.safe_load((Path(__file__).parent.parent / "examples" / "demo.yaml").read_text())
 
@@ -35,8 +36,18 @@ def test_demo_spec_is_valid():
         (lambda s: s["policy"].update(model="org/never-downloaded"), ["policy", "model"], "charter models prepare"),
         (lambda s: s.update(constitution="no-such"), ["constitution"], "shipped name"),
         (lambda s: s["prompts"].update(source="builtin:nope"), ["prompts", "source"], "builtin:red-team"),
-        (lambda s: s["evaluate"].update(prompts="/no/such.jsonl"), ["evaluate", "prompts"], "readable JSONL"),
+        (
+            lambda s: s["evaluate"].update(prompts=str(MODELS / "no-such.jsonl")),
+            ["evaluate", "prompts"],
+            "readable JSONL",
+        ),
+        (lambda s: s["evaluate"].update(prompts="/etc/passwd"), ["evaluate", "prompts"], "outside the data roots"),
         (lambda s: s["judge"].update(base_url="localhost:8000"), ["judge", "base_url"], "http://"),
+        (
+            lambda s: s["train"].update(monitors={"probe": {"prompts": "builtin:nope"}}),
+            ["train", "monitors", "probe", "prompts"],
+            "builtin:red-team",
+        ),
         (lambda s: s["train"]["args"].update(betta=0.2), ["train", "args", "betta"], "did you mean beta"),
         (lambda s: s["train"]["args"].update(beta="high"), ["train", "args", "beta"], "invalid float value"),
         (lambda s: s["train"]["args"].update(output_dir="/tmp/x"), ["train", "args", "output_dir"], "set by charter"),

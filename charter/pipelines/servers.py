@@ -114,6 +114,9 @@ def start_server(
         "--dtype",
         os.environ.get("CHARTER_VLLM_DTYPE") or default_dtype(),
         "--disable-uvicorn-access-log",
+        # Never --trust-remote-code: no Python shipped with a model runs; no pickle weights load.
+        "--load-format",
+        "safetensors",
     ]
     if has_gpu():  # several servers (a judge, a policy) and training may share one GPU
         cmd.append(f"--gpu-memory-utilization={os.environ.get('CHARTER_VLLM_GPU_MEMORY_UTILIZATION', '0.9')}")

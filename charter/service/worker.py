@@ -103,6 +103,8 @@ class Worker:
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", CHARTER_JOB_ID=job.id, CHARTER_ATTEMPT=str(job.attempt))
         env["CHARTER_JOB_MEMORY_MB"] = str(self.settings.job_memory_mb)  # ops: named in an out-of-memory error
+        # The job process checks the spec's paths again, against the roots this worker serves.
+        env["CHARTER_DATA_ROOTS"] = os.pathsep.join(str(r) for r in self.settings.data_roots)
         if self.job_command is not None:
             return [str(a) for a in self.job_command(job, spec_path, workdir)], env
         # Imported here: the servers module pulls in the ML side, which the API must not load.
