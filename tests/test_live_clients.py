@@ -37,6 +37,8 @@ DPO = [
     for i in range(8)
 ]
 SMALL = {"lora": {"r": 4, "alpha": 8}, "args": {"max_steps": 2, "logging_steps": 1}}
+# OpenAI's reinforcement format: messages ending with the user's turn, other fields for graders.
+RFT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)} for i in range(8)]
 
 
 def jsonl(rows: list[dict]) -> io.BytesIO:
@@ -121,6 +123,55 @@ def test_supervised_and_dpo_jobs_through_the_openai_sdk(sdk):
     assert not list((home / "logs").glob("vllm-*"))  # nor any vLLM server
     listed = [j.id for j in client.fine_tuning.jobs.list(limit=10)]
     assert listed[:3] == [extra.id, dpo.id, sft.id]
+
+
+def test_reinforcement_and_validation_files_through_the_openai_sdk(sdk):
+    """A reinforcement job with a string_check grader trains grpo on the tiny model and logs the
+    grader's reward every step; a supervised job with a validation_file reports valid_loss."""
+    client, home = sdk
+    rft = client.files.create(file=("rft.jsonl", jsonl(RFT[:6])), purpose="fine-tune")
+    rft_valid = client.files.create(file=("rft-valid.jsonl", jsonl(RFT[6:])), purpose="fine-tune")
+    sft = client.files.create(file=("sft.jsonl", jsonl(SFT[:6])), purpose="fine-tune")
+    sft_valid = client.files.create(file=("sft-valid.jsonl", jsonl(SFT[6:])), purpose="fine-tune")
+    grader = {
+        "type": "string_check",
+        "name": "answer",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "ilike",
+    }
+    rl = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=rft.id,
+        validation_file=rft_valid.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}}},
+        extra_body={"charter": {**SMALL, "args": {**SMALL["args"], "num_generations": 2, "max_completion_length": 8}}},
+    )
+    supervised = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=sft.id,
+        validation_file=sft_valid.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2}}},
+        extra_body={"charter": SMALL},
+    )
+    for job in (rl, supervised):
+        done = wait(client, job.id)
+        log = (home / "artifacts" / job.id / "job.log").read_text()[-3000:]
+        assert done.status == "succeeded", (done.error, log)
+        assert done.validation_file == job.validation_file
+    assert client.fine_tuning.jobs.retrieve(rl.id).method.reinforcement.grader.operation == "ilike"
+
+    steps = [e.data for e in client.fine_tuning.jobs.list_events(rl.id, limit=100) if e.type == "metrics"]
+    per_step = {d["step"]: d for d in steps if "reward/answer/mean" in d}
+    assert sorted(per_step) == [1, 2] and all(0 <= d["reward/answer/mean"] <= 1 for d in per_step.values())
+    assert any(k.startswith("eval_") for d in steps for k in d)  # the validation prompts were graded too
+
+    steps = [e.data for e in client.fine_tuning.jobs.list_events(supervised.id, limit=100) if e.type == "metrics"]
+    valid = [d for d in steps if "valid_loss" in d]
+    assert [d["step"] for d in valid] == [2] and valid[0]["valid_loss"] > 0  # evaluated after the last step
+    assert any("train_loss" in d for d in steps)
+    [ckpt] = client.fine_tuning.jobs.checkpoints.list(supervised.id).data
+    assert ckpt.metrics.valid_loss == valid[0]["valid_loss"]
 
 
 def test_cli_files_upload_and_list(service, tmp_path):

@@ -73,6 +73,7 @@ class Engine:
         self.usage = Usage()
         self._sem: asyncio.Semaphore | None = None
         self._letter_ids: dict[tuple[str, ...], dict[str, list[int]] | None] = {}
+        self._letter_pending: dict[tuple[str, ...], asyncio.Future] = {}
 
     async def model(self) -> str:
         if self._model is None:
@@ -115,13 +116,22 @@ class Engine:
         raise JudgeError(f"{self.name} at {self.urls[i]} failed after {self.retries + 1} attempts: {cause}") from last
 
     async def chat(
-        self, messages: Messages, *, max_tokens: int, temperature: float, n: int = 1, seed: int | None = None
+        self,
+        messages: Messages,
+        *,
+        max_tokens: int,
+        temperature: float,
+        n: int = 1,
+        seed: int | None = None,
+        regex: str | None = None,
     ) -> list[str | None]:
+        """Sampled replies; `regex` constrains them with vLLM's structured outputs."""
         model = await self.model()
+        extra = {"extra_body": {"structured_outputs": {"regex": regex}}} if regex else {}
 
         async def go(c: Any) -> Any:
             return await c.chat.completions.create(
-                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed
+                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, **extra
             )
 
         r = await self._call(go)
@@ -170,17 +180,26 @@ class Engine:
         single-token spelling, and the caller falls back to top-k logprobs.
         """
         key = tuple(letters)
-        if key not in self._letter_ids:
-            out: dict[str, list[int]] = {}
-            for letter in letters:
-                spellings = await asyncio.gather(*(self.token_ids(s) for s in (letter, " " + letter)))
-                ids = sorted({t[0] for t in spellings if t is not None and len(t) == 1})
-                if not ids:
-                    out = {}
-                    break
-                out[letter] = ids
-            self._letter_ids[key] = out or None
-        return self._letter_ids[key]
+        if key in self._letter_ids:
+            return self._letter_ids[key]
+        # One look-up per key: the requests that arrive while it runs wait for it instead of
+        # tokenizing again (and, done at different times, would not go out together).
+        pending = self._letter_pending.get(key)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            pending = self._letter_pending[key] = asyncio.ensure_future(self._lookup_letters(letters))
+        out = await asyncio.shield(pending)
+        self._letter_ids[key] = out
+        return out
+
+    async def _lookup_letters(self, letters: Sequence[str]) -> dict[str, list[int]] | None:
+        out: dict[str, list[int]] = {}
+        for letter in letters:
+            spellings = await asyncio.gather(*(self.token_ids(s) for s in (letter, " " + letter)))
+            ids = sorted({t[0] for t in spellings if t is not None and len(t) == 1})
+            if not ids:
+                return None
+            out[letter] = ids
+        return out or None
 
     async def token_logprobs(self, messages: Messages, token_ids: Sequence[int]) -> dict[int, float] | None:
         """The exact logprobs of `token_ids` as the judge's first answer token, in one request.

@@ -9,7 +9,10 @@ TRL sums the functions with `reward_weights` (our weights) and logs `rewards/<na
 - `judge`: the vLLM judge answers Yes/No on each of the constitution's dimensions for each
   completion, all requests of a step in flight together; P(Yes) from the first token's
   logprobs, combined by the constitution's dimension weights;
-- `reward_model`: a `reward` job's output (adapter or model folder), scoring prompt+completion.
+- `reward_model`: a `reward` job's output (adapter or model folder), scoring prompt+completion;
+- `grader`: an OpenAI grader (charter/graders.py) reading each training row's other fields,
+  which reach the function as the `charter_item` column (one JSON object per row); a
+  `score_model` inside it is answered by the judge server.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from charter import graders as G
+from charter.access import is_job_id, missing_reward_model
 from charter.constitution import Constitution
+from charter.models import SAFE_TOKENIZER, SAFE_WEIGHTS
 from charter.pipelines import judge as J
 from charter.pipelines.label import p_first
 from charter.spec import (
@@ -209,25 +215,32 @@ def judge_scores(
 
 
 def resolve_reward_model(ref: str, artifact_root: Path | None = None) -> Path:
-    """A `reward` job id, a job folder, or an adapter/model folder → the folder with charter_train_config.json."""
-    p = Path(ref).expanduser()
-    if not p.exists():
-        if artifact_root is None:
-            from charter.settings import Settings
+    """A `reward` job id, or its job/adapter/model folder → the folder with charter_train_config.json.
 
-            artifact_root = Settings.from_env().artifact_root
-        p = artifact_root / ref
+    A job id is looked up in ARTIFACT_ROOT, and what its train manifest records must lie inside
+    that job's folder; a path was held to the data roots by `charter.access` already.
+    """
+    if artifact_root is None:
+        from charter.settings import Settings
+
+        artifact_root = Settings.from_env().artifact_root
+    p = artifact_root / ref if is_job_id(ref) else Path(ref).expanduser()
     if (p / "train" / "manifest.json").exists():  # a job folder: its train stage's output
-        p = Path(json.loads((p / "train" / "manifest.json").read_text())["result"]["path"])
+        recorded = Path(json.loads((p / "train" / "manifest.json").read_text())["result"]["path"])
+        # The worker that wrote it may mount ARTIFACT_ROOT elsewhere: keep the part inside the job.
+        inside = recorded.parts[recorded.parts.index(p.name) + 1 :] if p.name in recorded.parts else ()
+        out = p.joinpath(*inside)
+        if ".." in inside or not out.resolve().is_relative_to(p.resolve()):
+            raise ValueError(f"{ref!r}: its train manifest points outside the job's folder; name the output folder")
+        p = out
     cfg = p / "charter_train_config.json"
     if not cfg.exists():
-        raise ValueError(
-            f"{ref!r} is neither a finished charter job id nor a folder written by a `reward` job "
-            "(no charter_train_config.json there); train one with train.method: reward first"
-        )
+        raise ValueError(missing_reward_model(ref))
     method = json.loads(cfg.read_text()).get("method")
     if method != "reward":
         raise ValueError(f"{ref!r} was trained with method {method!r}, not reward; name a `reward` job's output")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(f"{ref!r} holds no *.safetensors weights; charter loads safetensors only")
     return p
 
 
@@ -241,11 +254,13 @@ def load_reward_model(path: Path, dtype: Any = None) -> tuple[Any, Any]:
     if cfg.get("lora"):
         from peft import PeftModel
 
-        base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model"], num_labels=1, dtype=dtype)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            cfg["base_model"], num_labels=1, dtype=dtype, **SAFE_WEIGHTS
+        )
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype, **SAFE_WEIGHTS)
+    tok = AutoTokenizer.from_pretrained(str(path), **SAFE_TOKENIZER)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -301,6 +316,10 @@ def build(
             if judge_engine is None or constitution is None:
                 raise ValueError("a judge reward needs the job's judge server and constitution")
             fn = _judge_fn(judge_engine, constitution, judge_retries)
+        elif src.type == "grader":
+            if G.needs_judge(src.grader) and judge_engine is None:
+                raise ValueError("a score_model grader needs the job's judge server")
+            fn = _openai_grader_fn(src.grader, judge_engine, judge_retries)
         elif src.type == "reward_model":
             model, tok = load_reward_model(resolve_reward_model(src.model, artifact_root))
             fn = _reward_model_fn(model, tok)
@@ -337,5 +356,65 @@ def _judge_fn(make_engine: Callable[[], Any], c: Constitution, retries: int) -> 
 def _reward_model_fn(model: Any, tok: Any) -> RewardFunc:
     def fn(prompts: list, completions: list, **kw: Any) -> list[float | None]:
         return score_texts(model, tok, prompts, [text(x) for x in completions])
+
+    return fn
+
+
+# grader: OpenAI's graders over each row's fields.
+
+
+def grade(
+    g: Any,
+    items: Sequence[dict[str, Any]],
+    samples: Sequence[str],
+    make_engine: Callable[[], Any] | None = None,
+    retries: int = 3,
+) -> list[float | None]:
+    """One OpenAI grader's score for each (training row, sample); a score_model's requests go out together."""
+    if g.type == "string_check":
+        return [G.string_check(g, i, s) for i, s in zip(items, samples, strict=True)]
+    if g.type == "text_similarity":
+        return [G.text_similarity(g, i, s) for i, s in zip(items, samples, strict=True)]
+    if g.type == "score_model":
+        assert make_engine is not None
+        return _score_model(g, items, samples, make_engine, retries)
+    per = {name: grade(sub, items, samples, make_engine, retries) for name, sub in g.graders.items()}
+    out: list[float | None] = []
+    for k in range(len(samples)):
+        scores = {name: v[k] for name, v in per.items()}
+        out.append(None if any(v is None for v in scores.values()) else G.combine(g, scores))
+    return out
+
+
+def _score_model(
+    g: Any, items: Sequence[dict], samples: Sequence[str], make_engine: Callable[[], Any], retries: int
+) -> list[float | None]:
+    params = g.sampling_params or {}
+    max_tokens = int(params.get("max_completions_tokens") or 16)
+    temperature = float(params.get("temperature") or 0.0)
+
+    async def one(engine: Any, msgs: Messages) -> float | None:
+        for _ in range(retries + 1):  # a reply without a number is asked again, then counted as no score
+            reply = (await engine.chat(msgs, max_tokens=max_tokens, temperature=temperature, regex=G.NUMBER))[0]
+            if (score := G.parse_score(g, reply)) is not None:
+                return score
+        return None
+
+    async def go() -> list[float | None]:
+        engine = make_engine()
+        try:
+            return await asyncio.gather(
+                *(one(engine, G.score_model_messages(g, i, s)) for i, s in zip(items, samples, strict=True))
+            )
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+def _openai_grader_fn(g: Any, make_engine: Callable[[], Any] | None, retries: int) -> RewardFunc:
+    def fn(prompts: list, completions: list, charter_item: list[str] | None = None, **kw: Any) -> list[float | None]:
+        items = [json.loads(x) for x in charter_item] if charter_item else [{} for _ in completions]
+        return grade(g, items, [text(c) for c in completions], make_engine, retries)
 
     return fn

@@ -11,12 +11,15 @@ validated like any other spec, so a bad field is a 400 naming the OpenAI paramet
 
 | OpenAI                                   | charter                                             |
 |------------------------------------------|-----------------------------------------------------|
-| method.type supervised / dpo / reinforcement | train.method sft / dpo / (refused: use grpo jobs) |
-| training_file                            | dataset.source                                      |
+| method.type supervised / dpo / reinforcement | train.method sft / dpo / grpo                   |
+| training_file, validation_file           | dataset.source, dataset.validation (eval_loss → `valid_loss`) |
+| reinforcement.grader                     | train.rewards: [{type: grader, grader}] (charter/graders.py); a score_model's model is the judge |
 | hyperparameters n_epochs                 | train.args.num_train_epochs                         |
 | batch_size                               | train.args.per_device_train_batch_size              |
 | learning_rate_multiplier                 | train.args.learning_rate = multiplier × TRL's default for the method |
 | beta (dpo)                               | train.args.beta                                     |
+| eval_interval (with a validation_file)   | train.args.eval_steps                               |
+| compute_multiplier, eval_samples, reasoning_effort | refused unless auto/default: no TRL counterpart; use charter.args (num_generations …) |
 | seed, metadata, suffix                   | data.seed, metadata, name                           |
 | extra body `charter: {lora, constitution, judge, evaluate, args}` | the spec's own sections; `lora` defaults to {r: 16, alpha: 32}, null trains every weight |
 
@@ -26,15 +29,17 @@ Every charter job is also visible here as a `fine_tuning.job`. Statuses map one 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.orm import Session
 
+from charter import graders
 from charter.errors import SpecError
 from charter.service.auth import Principal, PrincipalDep
 from charter.service.db import Event, Job, JobStatus
@@ -49,11 +54,23 @@ BASE_LR = {"sft": 2e-5, "dpo": 1e-6, "grpo": 1e-6}
 HYPER_TO_TRL = {"n_epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size", "beta": "beta"}
 DEFAULT_LORA = {"r": 16, "alpha": 32}
 # A spec field → the OpenAI request parameter a user sent it as.
-PARAMS = {"dataset.source": "training_file", "policy.model": "model", "name": "suffix", "data.seed": "seed"}
+PARAMS = {
+    "dataset.source": "training_file",
+    "dataset.validation": "validation_file",
+    "policy.model": "model",
+    "name": "suffix",
+    "data.seed": "seed",
+}
+GRADER_TYPES = ("string_check", "text_similarity", "score_model", "multi")
 STATUS = {JobStatus.CANCELLING: "running"}
 LEVEL = {"warning": "warn"}
 # TRL's log keys → the names OpenAI's metrics events and checkpoints use.
-METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy"}
+METRIC_NAMES = {
+    "loss": "train_loss",
+    "mean_token_accuracy": "train_mean_token_accuracy",
+    "eval_loss": "valid_loss",
+    "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+}
 
 
 # -- the request ------------------------------------------------------------------------
@@ -193,35 +210,13 @@ def to_spec(body: FineTuningJobCreate) -> dict[str, Any]:
     """An OpenAI create request → a charter job spec (validated afterwards like any spec)."""
     method = body.method or Method(type="supervised")
     kind = METHODS[method.type]
-    if kind == "grpo":
-        raise OpenAIError(
-            400,
-            "method.type reinforcement is not mapped yet: OpenAI graders read fields of each training row "
-            "({{item.…}}), which charter's reward sources do not; submit a charter job (POST /v1/jobs) with "
-            "train.method grpo and train.rewards (exact, regex, contains, json_schema, length, judge, reward_model)",
-            "method.type",
-            "unsupported_method",
-        )
-    if body.validation_file:
-        raise OpenAIError(
-            400,
-            "validation_file is not supported yet; charter evaluates trained vs base with a judge instead: "
-            "send extra_body={'charter': {'evaluate': {'prompts': 'builtin:red-team-heldout'}}}",
-            "validation_file",
-        )
     if body.integrations:
         raise OpenAIError(400, "integrations are not supported; follow a job with its events", "integrations")
     section: MethodBody = getattr(method, method.type) or MethodBody()
+    if section.grader is not None and kind != "grpo":
+        raise OpenAIError(400, "a grader is read by reinforcement jobs only", f"method.{method.type}.grader")
     hyper = section.hyperparameters or body.hyperparameters or Hyperparameters()
-    args: dict[str, Any] = {}
-    for key, trl_key in HYPER_TO_TRL.items():
-        value = getattr(hyper, key)
-        if value not in (None, "auto"):
-            if key == "beta" and kind != "dpo":
-                raise OpenAIError(400, "beta is a dpo hyperparameter", f"method.{method.type}.hyperparameters.beta")
-            args[trl_key] = value
-    if hyper.learning_rate_multiplier not in (None, "auto"):
-        args["learning_rate"] = hyper.learning_rate_multiplier * BASE_LR[kind]
+    args = _train_args(hyper, kind, f"method.{method.type}.hyperparameters", body.validation_file is not None)
     train: dict[str, Any] = {"method": kind, "lora": body.charter.lora, "args": {**args, **body.charter.args}}
     spec: dict[str, Any] = {
         "name": body.suffix or f"{method.type}-{Path(body.model).name}",
@@ -230,12 +225,93 @@ def to_spec(body: FineTuningJobCreate) -> dict[str, Any]:
         "train": train,
         "metadata": body.metadata or {},
     }
+    if body.validation_file:
+        spec["dataset"]["validation"] = body.validation_file
+    if kind == "grpo":
+        grader = _grader(section.grader)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", grader.name or grader.type)[:64]
+        train["rewards"] = [{"type": "grader", "name": name, "grader": section.grader}]
+        if judge := _score_model_judge(grader):
+            spec["judge"] = {"model": judge}
     if body.seed is not None:
         spec["data"] = {"seed": body.seed}
     for key in ("constitution", "judge", "evaluate"):
         if (value := getattr(body.charter, key)) is not None:
             spec[key] = value
     return spec
+
+
+def _train_args(hyper: Hyperparameters, kind: str, where: str, validation: bool) -> dict[str, Any]:
+    """OpenAI's hyperparameters → TRL config keys; those with no TRL counterpart are refused."""
+    for key in ("compute_multiplier", "eval_samples"):
+        if getattr(hyper, key) not in (None, "auto"):
+            raise OpenAIError(
+                400,
+                f"{key} has no TRL counterpart; leave it auto and set TRL keys in extra_body charter.args "
+                "(e.g. num_generations, per_device_eval_batch_size)",
+                f"{where}.{key}",
+            )
+    if hyper.reasoning_effort not in (None, "default"):
+        raise OpenAIError(
+            400, "reasoning_effort is for OpenAI's reasoning models; leave it default", f"{where}.reasoning_effort"
+        )
+    args: dict[str, Any] = {}
+    for key, trl_key in HYPER_TO_TRL.items():
+        value = getattr(hyper, key)
+        if value not in (None, "auto"):
+            if key == "beta" and kind != "dpo":
+                raise OpenAIError(400, "beta is a dpo hyperparameter", f"{where}.beta")
+            args[trl_key] = value
+    if hyper.learning_rate_multiplier not in (None, "auto"):
+        args["learning_rate"] = hyper.learning_rate_multiplier * BASE_LR[kind]
+    if hyper.eval_interval not in (None, "auto"):
+        if not validation:
+            raise OpenAIError(400, "eval_interval needs a validation_file to evaluate on", f"{where}.eval_interval")
+        args["eval_steps"] = hyper.eval_interval
+    return args
+
+
+def _grader(raw: dict[str, Any] | None) -> Any:
+    """The reinforcement grader, checked here so that errors name OpenAI's parameter."""
+    param = "method.reinforcement.grader"
+    if raw is None:
+        raise OpenAIError(400, f"reinforcement needs a grader ({', '.join(GRADER_TYPES)}); see the README", param)
+    try:
+        return TypeAdapter(graders.Grader).validate_python(raw)
+    except ValidationError as e:
+        msgs, first = [], None
+        for err in e.errors():
+            loc = [str(p) for p in err["loc"] if str(p) not in GRADER_TYPES]
+            where = ".".join([param, *loc])
+            first = first or where
+            detail = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "union_tag_invalid":
+                inside = " inside a multi grader" if loc else ""
+                allowed = GRADER_TYPES if not loc else GRADER_TYPES[:-1]
+                detail = (
+                    f"grader type {err['input'].get('type')!r} is not supported{inside}; "
+                    f"use one of {', '.join(allowed)}"
+                )
+            msgs.append(f"{where}: {detail}")
+        raise OpenAIError(400, "; ".join(msgs), first, "invalid_grader") from None
+
+
+def _score_models(g: Any) -> list[str]:
+    if g.type == "score_model":
+        return [g.model]
+    return [m for sub in g.graders.values() for m in _score_models(sub)] if g.type == "multi" else []
+
+
+def _score_model_judge(g: Any) -> str | None:
+    """The model a grader's score_model names: the job's judge (charter has one per job)."""
+    models = sorted(set(_score_models(g)))
+    if len(models) > 1:
+        raise OpenAIError(
+            400,
+            f"score_model graders name different models ({', '.join(models)}); charter has one judge per job",
+            "method.reinforcement.grader",
+        )
+    return models[0] if models else None
 
 
 # -- job → response ---------------------------------------------------------------------
@@ -260,6 +336,10 @@ def job_public(job: Job, trained_tokens: int | None) -> FineTuningJobPublic:
     if kind == "dpo":
         hyper["beta"] = args.get("beta", "auto")
     otype = OPENAI_TYPE.get(kind, kind)
+    body: dict[str, Any] = {"hyperparameters": hyper}
+    grader = [r["grader"] for r in train.get("rewards") or [] if r.get("type") == "grader"]
+    if grader:
+        body["grader"] = grader[0]
     model = spec.get("policy", {}).get("model", "")
     finished = job.status == JobStatus.SUCCEEDED
     return FineTuningJobPublic(
@@ -271,8 +351,9 @@ def job_public(job: Job, trained_tokens: int | None) -> FineTuningJobPublic:
         organization_id=job.tenant,
         status=STATUS.get(job.status, job.status.value),
         hyperparameters=hyper,
-        method={"type": otype, otype: {"hyperparameters": hyper}},
+        method={"type": otype, otype: body},
         training_file=(spec.get("dataset") or spec.get("prompts") or {}).get("source"),
+        validation_file=(spec.get("dataset") or {}).get("validation"),
         trained_tokens=trained_tokens if finished else None,
         error=JobErrorPublic(code="job_failed", message=job.error or "failed")
         if job.status == JobStatus.FAILED
@@ -354,6 +435,10 @@ def _param(loc: list[Any], body: FineTuningJobCreate) -> str:
     field = ".".join(map(str, loc))
     if field.startswith("train.args"):
         return f"method.{(body.method or Method(type='supervised')).type}.hyperparameters"
+    if field.startswith("train.rewards"):
+        return "method.reinforcement.grader"
+    if field == "judge.model" and body.charter.judge is None:
+        return "method.reinforcement.grader.model"  # the judge came from a score_model grader
     return PARAMS.get(field) or (f"charter.{field}" if field else "body")
 
 
@@ -376,7 +461,12 @@ def create_fine_tuning_job(
     uploads = FileStore.of(request)
     raw = to_spec(body)
     try:
-        spec = validate_job_spec(raw, request.app.state.settings, lambda fid: uploads.path(fid, principal.scope))
+        spec = validate_job_spec(
+            raw,
+            request.app.state.settings,
+            lambda fid: uploads.path(fid, principal.scope),
+            lambda job_id: store.visible(job_id, principal.scope),
+        )
     except SpecError as e:
         raise OpenAIError(
             400,

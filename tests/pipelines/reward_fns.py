@@ -8,3 +8,12 @@ def brevity(prompts, completions, **kwargs):
 
 
 NOT_A_FUNCTION = 3
+
+
+def fails_on_rank_1(prompts, completions, **kwargs):
+    """Scores 0 on every rank but the second, which raises: a rank that fails mid-training."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("rank 1 refuses to score")
+    return [0.0 for _ in completions]

@@ -112,3 +112,51 @@ def test_kto_job_trains_on_the_pairs(tiny_server, root):
     spec = job(tiny_server, {"method": "kto", "lora": {"r": 4, "alpha": 8}, "args": {"max_steps": 1}})
     result, events = run_spec(root, "job-kto", spec)
     assert "label" in stages(events) and result["report"]["train"]["steps"] == 1
+
+
+def test_grpo_job_on_a_dataset_with_openai_graders(tiny_server, root, tmp_path, monkeypatch):
+    """OpenAI graders in a job: a score_model answered by the real judge server (structured
+    outputs hold even the tiny model to a number) and a string_check, both reading each row's
+    `answer`; the rows come from the user's dataset, so no data stage runs."""
+    monkeypatch.setenv("CHARTER_DATA_ROOTS", str(tmp_path))  # as the worker passes the operator's roots on
+    data = tmp_path / "rft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score = {
+        "type": "score_model",
+        "model": "tiny",
+        "range": [0, 10],
+        "input": [{"role": "user", "content": "Reference: {{item.answer}}\nAnswer: {{sample.output_text}}\nScore it."}],
+    }
+    check = {
+        "type": "string_check",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "like",
+    }
+    spec = job(
+        tiny_server,
+        {
+            "method": "grpo",
+            "lora": {"r": 4, "alpha": 8},
+            "rewards": [
+                {"type": "grader", "name": "score", "grader": score, "weight": 0.1},
+                {"type": "grader", "name": "check", "grader": check},
+            ],
+            "args": {
+                "max_steps": 2,
+                "num_generations": 2,
+                "per_device_train_batch_size": 4,
+                "max_completion_length": 8,
+            },
+        },
+    )
+    del spec["prompts"]
+    spec["dataset"] = {"source": str(data)}
+    result, events = run_spec(root, "job-graders", spec)
+    assert not {"generate", "label"} & stages(events)
+    logged = [e["data"] for e in events if e["type"] == "metrics" and "reward" in e["data"]]
+    assert len(logged) == 2
+    for m in logged:
+        assert 0.0 <= m["reward/score/mean"] <= 10.0 and 0.0 <= m["reward/check/mean"] <= 1.0
+        assert m["reward"] == pytest.approx(0.1 * m["reward/score/mean"] + m["reward/check/mean"], rel=1e-4)

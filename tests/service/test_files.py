@@ -26,6 +26,15 @@ SFT = [
     {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i}"}]} for i in range(4)
 ]
 PREFS = [{"prompt": f"Say {i}", "chosen": f"{i}", "rejected": "no"} for i in range(4)]
+# OpenAI's reinforcement format: messages ending with the user's turn, other fields for the grader.
+RFT = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(4)]
+CHECK = {
+    "type": "string_check",
+    "name": "exact answer",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
 
 
 def jsonl(rows: list[dict]) -> bytes:
@@ -151,7 +160,16 @@ def test_fine_tuning_validation_errors_through_the_sdk(sdk: openai.OpenAI) -> No
             "method.supervised.hyperparameters",
             "no_such_key",
         ),
-        (dict(model="tiny", training_file=sft.id, validation_file=sft.id), "validation_file", "not supported"),
+        (dict(model="tiny", training_file=sft.id, validation_file=prefs.id), "validation_file", "needs a sft"),
+        (
+            dict(
+                model="tiny",
+                training_file=sft.id,
+                method={"type": "supervised", "supervised": {"hyperparameters": {"eval_interval": 2}}},
+            ),
+            "method.supervised.hyperparameters.eval_interval",
+            "needs a validation_file",
+        ),
         (
             dict(model="tiny", training_file=sft.id, hyperparameters={"learning_rate_multiplier": -1}),
             "hyperparameters.learning_rate_multiplier",
@@ -193,7 +211,11 @@ def test_fine_tuning_create_maps_hyperparameters(sdk: openai.OpenAI, app_client:
     assert job.metadata == {"team": "a"} and job.fine_tuned_model is None
     spec = app_client.get(f"/v1/jobs/{job.id}").json()["spec"]
     assert spec["train"]["args"] == {"beta": 0.2, "num_train_epochs": 2, "learning_rate": pytest.approx(1e-5)}
-    assert spec["train"]["lora"]["r"] == 4 and spec["dataset"] == {"source": prefs.id, "limit": None}
+    assert spec["train"]["lora"]["r"] == 4 and spec["dataset"] == {
+        "source": prefs.id,
+        "limit": None,
+        "validation": None,
+    }
     assert spec["name"] == "mine" and spec["data"]["seed"] == 7
 
     assert sdk.fine_tuning.jobs.retrieve(job.id).model_dump() == job.model_dump()
@@ -207,7 +229,151 @@ def test_fine_tuning_create_maps_hyperparameters(sdk: openai.OpenAI, app_client:
         sdk.fine_tuning.jobs.retrieve("job-000000000000")
     with pytest.raises(openai.BadRequestError) as e:
         sdk.fine_tuning.jobs.create(model="tiny", training_file=prefs.id, method={"type": "reinforcement"})
-    assert e.value.body["param"] == "method.type" and "train.rewards" in e.value.body["message"]
+    assert e.value.body["param"] == "method.reinforcement.grader" and "needs a grader" in e.value.body["message"]
+
+
+def test_reinforcement_errors_name_the_grader_field(sdk: openai.OpenAI) -> None:
+    rft = sdk.files.create(file=("rft.jsonl", jsonl(RFT)), purpose="fine-tune")
+    assert rft.model_extra == {"kind": "prompts", "rows": 4}
+    sft = sdk.files.create(file=("sft.jsonl", jsonl(SFT)), purpose="fine-tune")
+    sim = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+
+    def rl(grader: dict, **hyper: object) -> dict:
+        return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyper}}
+
+    cases = [
+        (
+            rl({**sim, "evaluation_metric": "meteor"}),
+            "method.reinforcement.grader.evaluation_metric",
+            "'meteor' is not supported",
+        ),
+        (
+            rl({**sim, "evaluation_metric": "cosine"}),
+            "method.reinforcement.grader.evaluation_metric",
+            "embedding model",
+        ),
+        (
+            rl({"type": "python", "source": "def grade(s, i): return 1.0"}),
+            "method.reinforcement.grader",
+            "'python' is not supported",
+        ),
+        (rl({"type": "label_model", "model": "x"}), "method.reinforcement.grader", "'label_model' is not supported"),
+        (rl({**CHECK, "operation": "regex"}), "method.reinforcement.grader.operation", "'eq'"),
+        (rl({**CHECK, "reference": "{{item.solution}}"}), "training_file", "no field 'solution'"),
+        (
+            rl({**CHECK, "reference": "{{foo.answer}}"}),
+            "method.reinforcement.grader",
+            "{{foo.answer}} is not supported",
+        ),
+        (
+            rl({"type": "multi", "graders": {"a": CHECK}, "calculate_output": "a + b"}),
+            "method.reinforcement.grader",
+            "'b', which is not one of the graders",
+        ),
+        (
+            rl(
+                {
+                    "type": "score_model",
+                    "model": "no-such-judge",
+                    "input": [{"role": "user", "content": "{{sample.output_text}}"}],
+                }
+            ),
+            "method.reinforcement.grader.model",
+            "no-such-judge",
+        ),
+        (
+            rl(
+                {
+                    "type": "multi",
+                    "graders": {"m": {"type": "multi", "graders": {}, "calculate_output": "1"}},
+                    "calculate_output": "m",
+                }
+            ),
+            "method.reinforcement.grader.graders.m",
+            "'multi' is not supported inside a multi grader",
+        ),
+        (
+            rl(CHECK, compute_multiplier=2),
+            "method.reinforcement.hyperparameters.compute_multiplier",
+            "no TRL counterpart",
+        ),
+        (rl(CHECK, reasoning_effort="high"), "method.reinforcement.hyperparameters.reasoning_effort", "reasoning"),
+        (rl(CHECK, beta=0.1), "method.reinforcement.hyperparameters.beta", "dpo hyperparameter"),
+        (
+            {"type": "supervised", "supervised": {"grader": CHECK}},
+            "method.supervised.grader",
+            "reinforcement jobs only",
+        ),
+    ]
+    for method, param, fragment in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk.fine_tuning.jobs.create(model="tiny", training_file=rft.id, method=method)
+        assert e.value.body["param"] == param, (method, e.value.body)
+        assert fragment in e.value.body["message"], (method, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=sft.id, method=rl(CHECK))
+    assert e.value.body["param"] == "training_file" and "needs a prompts dataset" in e.value.body["message"]
+
+
+def test_validation_files_are_checked_like_training_files(sdk: openai.OpenAI, app_client: TestClient) -> None:
+    rft = sdk.files.create(file=("rft.jsonl", jsonl(RFT)), purpose="fine-tune")
+    bare = sdk.files.create(file=("bare.jsonl", jsonl([{"prompt": "What is 1 + 1?"}])), purpose="fine-tune")
+    prefs = sdk.files.create(file=("prefs.jsonl", jsonl(PREFS)), purpose="fine-tune")
+    method = {"type": "reinforcement", "reinforcement": {"grader": CHECK}}
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=rft.id, validation_file=bare.id, method=method)
+    assert e.value.body["param"] == "validation_file" and "no field 'answer'" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=rft.id, validation_file="file-nope", method=method)
+    assert e.value.body["param"] == "validation_file" and "no file with id" in e.value.body["message"]
+    spec = {"name": "r", "policy": {"model": "tiny"}, "train": {"method": "reward"}}
+    r = app_client.post("/v1/jobs", json={**spec, "dataset": {"source": prefs.id, "validation": prefs.id}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["dataset", "validation"]
+    assert "heldout_fraction" in r.text
+
+
+def test_reinforcement_maps_to_grpo_with_a_grader_reward(sdk: openai.OpenAI, app_client: TestClient) -> None:
+    rft = sdk.files.create(file=("rft.jsonl", jsonl(RFT)), purpose="fine-tune")
+    hyper = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2, "eval_interval": 3}
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=rft.id,
+        validation_file=rft.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": CHECK, "hyperparameters": hyper}},
+    )
+    assert job.method.type == "reinforcement" and job.validation_file == rft.id
+    assert job.method.reinforcement.grader.model_dump(exclude_none=True) == CHECK
+    spec = app_client.get(f"/v1/jobs/{job.id}").json()["spec"]
+    assert spec["train"]["method"] == "grpo" and spec["dataset"]["validation"] == rft.id
+    assert spec["train"]["args"] == {
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "learning_rate": pytest.approx(2e-6),
+        "eval_steps": 3,
+    }
+    [reward] = spec["train"]["rewards"]
+    assert reward["type"] == "grader" and reward["name"] == "exact_answer" and reward["grader"]["operation"] == "eq"
+    sdk.fine_tuning.jobs.cancel(job.id)
+
+    judged = sdk.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=rft.id,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": {
+                    "type": "score_model",
+                    "name": "judge",
+                    "model": "tiny",
+                    "range": [0, 10],
+                    "input": [{"role": "user", "content": "Rate {{sample.output_text}} against {{item.answer}}."}],
+                }
+            },
+        },
+    )
+    spec = app_client.get(f"/v1/jobs/{judged.id}").json()["spec"]
+    assert spec["judge"]["model"] == "tiny"  # the score_model's model is the job's judge
+    sdk.fine_tuning.jobs.cancel(judged.id)
 
 
 def test_fine_tuning_list_pages_with_after(sdk: openai.OpenAI) -> None:
