@@ -28,6 +28,13 @@ class Verdict:
     agree: bool  # both orders preferred the same candidate
     p_orders: tuple[float, float]  # P(A) as shown in order 1 and in order 2
 
+    @property
+    def outcome(self) -> float:
+        """The first candidate's score: 1 a win, 0 a loss (both orders agree), 0.5 a tie (they disagree)."""
+        if not self.agree:
+            return 0.5
+        return 1.0 if self.p_first > 0.5 else 0.0
+
 
 async def p_first(judge: Engine, msgs: Messages, words: tuple[str, str], retries: int) -> float | None:
     """P(words[0]) over the two words as the judge's first answer token (A/B, Yes/No).

@@ -8,7 +8,6 @@ every method. Monitors warn once per kind, and with `train.monitors.stop` end th
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from charter.pipelines.events import Reporter
@@ -63,7 +62,7 @@ def callback(report: Reporter, monitors: MonitorsSpec, history: list[dict]) -> A
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             m = normalize(logs or {})
-            m = {"stage": "train", "step": state.global_step, "epoch": state.epoch, **m}
+            m = {"stage": report.stage or "train", "step": state.global_step, "epoch": state.epoch, **m}
             history.append(m)
             report.metrics(m)
             if "loss" in m:
@@ -72,7 +71,9 @@ def callback(report: Reporter, monitors: MonitorsSpec, history: list[dict]) -> A
                 if name in self.fired:
                     continue
                 self.fired.add(name)
-                report.message(msg, level="warning", stage="train", monitor=name, step=state.global_step)
+                report.message(
+                    msg, level="warning", stage=report.stage or "train", monitor=name, step=state.global_step
+                )
                 if monitors.stop:
                     raise MonitorStop(f"{msg}; stopped because train.monitors.stop is true")
 
@@ -96,41 +97,3 @@ def callback(report: Reporter, monitors: MonitorsSpec, history: list[dict]) -> A
             return out
 
     return EventCallback()
-
-
-def plot_curve(history: list[dict], path: Path, method: str) -> None:
-    """Loss, reward (total and per source), KL and completion length over steps — whichever
-    the method logged (DPO: reward accuracy and margin; reward models: accuracy) — as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("loss", ["loss"]),
-        (
-            "reward",
-            ["reward"] + sorted({k for h in history for k in h if k.startswith("reward/") and k.endswith("/mean")}),
-        ),
-        ("KL to the reference", ["kl"]),
-        ("mean completion length", ["completion_length"]),
-        ("reward accuracy", ["rewards/accuracies", "accuracy"]),
-        ("reward margin", ["rewards/margins", "margin"]),
-    ]
-    present = [(t, [k for k in keys if any(k in h for h in history)]) for t, keys in panels]
-    present = [(t, keys) for t, keys in present if keys]
-    n = max(len(present), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], present, strict=False):
-        for key in keys:
-            pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{method} training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

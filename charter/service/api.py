@@ -10,6 +10,7 @@ on `app.state`. Routes stay thin; every error becomes an HTTP status in `_handle
 from __future__ import annotations
 
 import asyncio
+import io
 import mimetypes
 import threading
 import time
@@ -26,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict
 
 import charter
+from charter import plots
 from charter.errors import CharterError, SpecError
 from charter.service import artifacts, files, openai_api
 from charter.service.auth import PrincipalDep
@@ -188,7 +190,12 @@ def create_job(
     from charter.validation import validate_job_spec
 
     uploads = FileStore.of(request)
-    spec = validate_job_spec(raw, settings, lambda file_id: uploads.path(file_id, principal.scope))
+    spec = validate_job_spec(
+        raw,
+        settings,
+        lambda file_id: uploads.path(file_id, principal.scope),
+        lambda job_id: store.visible(job_id, principal.scope),  # another tenant's job reads as missing
+    )
     job = store.create_job(
         spec.model_dump(mode="json"),
         name=spec.name,
@@ -286,6 +293,35 @@ def _artifact_names(store: JobStore, job: Job) -> dict[str, Any]:
             after = page[-1].id
             announced |= {e.data["name"]: e.data["path"] for e in page if e.type == "artifact" and "path" in e.data}
     return artifacts.named(job.id, job.result, announced)
+
+
+class NoMetricsYet(CharterError):
+    """The job has logged no training metrics yet, so there is nothing to plot."""
+
+    status_code = 404
+
+
+@router.get(
+    "/v1/jobs/{job_id}/plot.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such job, or no metrics yet"}},
+)
+def read_plot(job_id: str, store: StoreDep, principal: PrincipalDep) -> Response:
+    """The training curve so far (loss, reward per source, KL, completion length) as a PNG, drawn from the job's metrics events."""
+    job = store.get_job(job_id, principal.scope)
+    history: list[dict[str, Any]] = []
+    after = 0
+    while page := store.events(job.id, after, 1000, types=("metrics",)):
+        after = page[-1].id
+        history += [e.data for e in page if e.data.get("stage", "train") == "train" and "step" in e.data]
+    if not history:
+        raise NoMetricsYet(
+            f"job {job.id} has logged no training metrics yet (status: {job.status.value}); "
+            "the plot appears once training logs its first step"
+        )
+    png = io.BytesIO()
+    plots.plot_curve(history, png, job.spec.get("train", {}).get("method", "training"))
+    return Response(png.getvalue(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/v1/jobs/{job_id}/artifacts")

@@ -128,6 +128,12 @@ class JobStore:
         with self._session() as s:
             return self._visible(s.get(Job, job_id), job_id, scope)
 
+    def visible(self, job_id: str, scope: str | None = None) -> bool:
+        """Whether the job exists for this caller: the tenant check of a job id a spec names."""
+        with self._session() as s:
+            job = s.get(Job, job_id)
+            return job is not None and (scope is None or job.tenant == scope)
+
     def list_jobs(self, limit: int = 50, status: JobStatus | None = None, scope: str | None = None) -> list[Job]:
         query = sa.select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         if status is not None:
@@ -188,8 +194,12 @@ class JobStore:
             s.flush()
             return event.id
 
-    def events(self, job_id: str, after: int = 0, limit: int = 100, scope: str | None = None) -> list[Event]:
+    def events(
+        self, job_id: str, after: int = 0, limit: int = 100, scope: str | None = None, types: Sequence[str] = ()
+    ) -> list[Event]:
         query = sa.select(Event).where(Event.job_id == job_id, Event.id > after).order_by(Event.id).limit(limit)
+        if types:
+            query = query.where(Event.type.in_(types))
         with self._session() as s:
             self._visible(s.get(Job, job_id), job_id, scope)
             return list(s.scalars(query))

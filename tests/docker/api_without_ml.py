@@ -74,6 +74,10 @@ with TestClient(build_app(settings, start_worker=False)) as client:
     statuses["create"] = created.status_code
     statuses["read"] = client.get(f"/v1/jobs/{created.json()['id']}").status_code
     statuses["bad"] = client.post("/v1/jobs", json={**spec, "prompts": {"source": "builtin:nope"}}).status_code
+    job_id = created.json()["id"]
+    statuses["plot_before_metrics"] = client.get(f"/v1/jobs/{job_id}/plot.png").status_code
+    client.app.state.store.append_event(job_id, "metrics", {"stage": "train", "step": 1, "loss": 0.7})
+    statuses["plot"] = client.get(f"/v1/jobs/{job_id}/plot.png").status_code
 imported = {
     canonicalize_name(d)
     for m in list(sys.modules)

@@ -171,3 +171,41 @@ def test_bad_request_is_422_naming_the_field(
 def test_bad_list_query_is_422(client: TestClient, params: dict[str, Any]) -> None:
     r = client.get("/v1/jobs", params=params)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "query"
+
+
+def png_size(body: bytes) -> tuple[int, int]:
+    assert body[:8] == b"\x89PNG\r\n\x1a\n", body[:40]
+    return int.from_bytes(body[16:20], "big"), int.from_bytes(body[20:24], "big")
+
+
+def test_plot_png_draws_the_training_metrics_logged_so_far(client: TestClient) -> None:
+    job = client.post("/v1/jobs", json=spec("plot-job")).json()
+    url = f"/v1/jobs/{job['id']}/plot.png"
+    r = client.get(url)
+    assert r.status_code == 404 and "no training metrics yet" in r.json()["detail"], r.text
+    assert client.get(f"/v1/jobs/{MISSING}/plot.png").status_code == 404
+
+    store = client.app.state.store
+    store.append_event(job["id"], "metrics", {"stage": "train", "step": 1, "loss": 0.7})
+    r = client.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    one_panel = png_size(r.content)
+
+    # GRPO-like lines add reward (per source), KL and length panels: one panel each, side by side.
+    for step in (2, 3):
+        store.append_event(
+            job["id"],
+            "metrics",
+            {
+                "stage": "train",
+                "step": step,
+                "loss": 0.5,
+                "reward": 0.4,
+                "reward/judge/mean": 0.3,
+                "kl": 0.01,
+                "completion_length": 30.0,
+            },
+        )
+    store.append_event(job["id"], "metrics", {"stage": "evaluate", "win_rate": 0.6})  # not a training step
+    four_panels = png_size(client.get(url).content)
+    assert four_panels[1] == one_panel[1] and four_panels[0] == 4 * one_panel[0], (one_panel, four_panels)
