@@ -9,6 +9,15 @@
     train: {method: dpo, lora: {r: 16, alpha: 32}, args: {beta: 0.1}}
     evaluate: {prompts: builtin:red-team-heldout, limit: 32}
 
+or the whole Constitutional-AI recipe as one job (SL-CAI, then N rounds of RL-CAI, then an
+evaluation against the base and against the SFT policy; docs/recipe.md), e.g.
+
+    recipe: constitutional-ai
+    rounds: 2                               # RL-CAI rounds, each from the newest policy
+    sft: {args: {max_steps: 50}}            # the SL-CAI SFT step (SFTConfig keys)
+    reward: {args: {max_steps: 50}}         # each round's reward model (RewardConfig keys; ppo, grpo)
+    train: {method: ppo, lora: {r: 16, alpha: 32}}   # the RL step: ppo (default), dpo or grpo
+
 or, for online RL, e.g.
 
     train:
@@ -16,6 +25,8 @@ or, for online RL, e.g.
       rewards: [{type: judge, weight: 0.8}, {type: length, max: 120, weight: 0.2}]
       monitors: {max_kl: 0.5, max_length_factor: 3, stop: true}
       args: {beta: 0.04, num_generations: 4}
+
+Any method trains on several processes with `train: {…, launcher: accelerate, num_processes: 2}`.
 
 Every model here forbids unknown keys, so a typo is a 422 naming the field. The checks that
 need the outside world (does the model exist, does TRL accept `train.args`) live in
@@ -27,6 +38,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from charter.graders import Grader
 
 
 class _Strict(BaseModel):
@@ -75,6 +88,11 @@ class DatasetSpec(_Strict):
         "prompt/completion) for sft, preference rows (prompt/chosen/rejected) for dpo. Generation is skipped."
     )
     limit: int | None = Field(None, ge=1, description="Use the first N rows.")
+    validation: str | None = Field(
+        None,
+        description="A second file (file-… or JSONL path) of the same kind, never trained on: the trainer's "
+        "eval_dataset, its loss logged as eval_loss (OpenAI's valid_loss) every eval_steps and at the end.",
+    )
 
 
 class DataSpec(_Strict):
@@ -203,8 +221,17 @@ class PythonSource(_Source):
     )
 
 
+class GraderSource(_Source):
+    type: Literal["grader"]
+    grader: Grader = Field(
+        description="An OpenAI grader (string_check, text_similarity, score_model, multi; see charter/graders.py) "
+        "reading the training row's fields as {{item.<field>}} and the sample as {{sample.output_text}}."
+    )
+
+
 RewardSource = Annotated[
     RewardModelSource
+    | GraderSource
     | JudgeSource
     | ExactSource
     | RegexSource
@@ -216,10 +243,25 @@ RewardSource = Annotated[
 ]
 
 
+class ProbeSpec(_Strict):
+    prompts: str = Field("builtin:red-team-heldout", description="A prompt source, as in prompts.source.")
+    limit: int = Field(8, ge=2, le=256, description="Probe prompts (small: the probe pauses training).")
+    every: int = Field(10, ge=1, description="Probe every N optimizer steps.")
+    max_new_tokens: int = Field(48, ge=8, le=1024, description="Token budget of each probe answer.")
+    min_drop: float = Field(
+        0.1, gt=0.0, le=1.0, description="Warn when the probe win rate falls by this much while the reward rises."
+    )
+
+
 class MonitorsSpec(_Strict):
     max_kl: float | None = Field(None, gt=0, description="Warn when the logged KL to the reference exceeds this.")
     max_length_factor: float | None = Field(
         None, gt=1, description="Warn when mean completion length moves past this factor of its first logged value."
+    )
+    probe: ProbeSpec | None = Field(
+        None,
+        description="Every `every` steps the judge compares the policy's answers on a few held-out prompts with the "
+        "starting policy's (`probe_win_rate`); warns when the reward rises while that win rate falls.",
     )
     stop: bool = Field(False, description="Stop training (the job fails, saying why) when a monitor fires.")
 
@@ -248,12 +290,41 @@ class TrainSpec(_Strict):
     heldout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="reward: the share of pairs held out to report accuracy and margin."
     )
+    launcher: Literal["local", "accelerate"] = Field(
+        "local",
+        description="local: the trainer runs inside the job process; accelerate: under `accelerate launch` "
+        "with num_processes data-parallel ranks (gloo on CPUs, one GPU each otherwise).",
+    )
+    num_processes: int = Field(1, ge=1, le=64, description="accelerate: how many ranks (processes) train.")
+    accelerate_config: Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"] | None = Field(
+        None,
+        description="accelerate, GPUs only: the shipped accelerate config (charter/pipelines/accelerate_configs/); "
+        "absent means ddp. deepspeed-* needs the deepspeed package on the worker (pip install 'charter[deepspeed]').",
+    )
+
+    @model_validator(mode="after")
+    def _launcher(self) -> TrainSpec:
+        if self.launcher == "local" and (self.num_processes != 1 or self.accelerate_config):
+            raise ValueError("num_processes and accelerate_config need launcher: accelerate")
+        return self
 
 
 class EvaluateSpec(_Strict):
     prompts: str = Field(description="A prompt source, as in prompts.source.")
     limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(64, ge=8, le=4096, description="Token budget of each evaluation answer.")
+
+
+RECIPE_METHODS = ("ppo", "dpo", "grpo")  # the RL step of the recipe
+RECIPE_SECTIONS = ("rounds", "sft", "reward")  # read only with recipe:
+
+
+class StepSpec(_Strict):
+    """A training step of the recipe besides its RL step; its LoRA settings are train.lora's."""
+
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of the step's TRL config (SFTConfig for sft, RewardConfig for reward)."
+    )
 
 
 class ResourcesSpec(_Strict):
@@ -267,6 +338,15 @@ class ResourcesSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(min_length=1, max_length=200)
+    recipe: Literal["constitutional-ai"] | None = Field(
+        None,
+        description="constitutional-ai: SL-CAI (generate → critique → revise → SFT), then `rounds` of RL-CAI "
+        "(sample pairs from the newest policy → judge labels → reward model → train.method), then evaluate "
+        "against the base and the SFT policy. Absent: one stage chain for train.method.",
+    )
+    rounds: int | None = Field(None, ge=1, le=8, description="recipe: RL-CAI rounds, each from the newest policy.")
+    sft: StepSpec | None = Field(None, description="recipe: the SL-CAI SFT step on the final revisions.")
+    reward: StepSpec | None = Field(None, description="recipe: each round's reward model (ppo and grpo).")
     policy: PolicySpec
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     constitution: str | dict[str, Any] = "default"
@@ -280,6 +360,16 @@ class JobSpec(_Strict):
         default_factory=dict, max_length=16, description="Labels kept with the job and shown back (OpenAI's metadata)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_default_method(cls, raw: Any) -> Any:
+        # The recipe's RL step is ppo unless the spec says otherwise; only there may train be left out.
+        if isinstance(raw, dict) and raw.get("recipe") and isinstance(raw.get("train", {}), dict):
+            train = raw.get("train", {})
+            if "method" not in train:
+                raw = {**raw, "train": {**train, "method": "ppo"}}
+        return raw
+
     @model_validator(mode="after")
     def _one_source(self) -> JobSpec:
         if (self.prompts is None) == (self.dataset is None):
@@ -291,8 +381,75 @@ class JobSpec(_Strict):
     @property
     def needs_servers(self) -> bool:
         """Whether the job talks to a policy or judge server: not when it only trains on a dataset."""
-        return self.prompts is not None or self.evaluate is not None
+        return (
+            self.prompts is not None
+            or self.evaluate is not None
+            or self.train.monitors.probe is not None
+            or self.judge_in_rewards
+        )
+
+    @property
+    def judge_in_rewards(self) -> bool:
+        """A reward scored by the judge server: `judge`, or a grader with a score_model."""
+        from charter.graders import needs_judge
+
+        return any(r.type == "judge" or (r.type == "grader" and needs_judge(r.grader)) for r in self.train.rewards)
+
+    @property
+    def rl_rounds(self) -> int:
+        return self.rounds or 1
 
     @property
     def judge_model(self) -> str:
         return self.judge.model or self.policy.model
+
+
+def recipe_errors(spec: JobSpec) -> list[dict[str, Any]]:
+    """What a spec's recipe fields get wrong, as [{loc, msg}] (checked at submit and by the job)."""
+    if not spec.recipe:
+        return [
+            {"loc": [k], "msg": f"{k} is read by recipe: constitutional-ai only; add that or remove {k}"}
+            for k in RECIPE_SECTIONS
+            if getattr(spec, k) is not None
+        ]
+    errors = []
+    m = spec.train.method
+    if m not in RECIPE_METHODS:
+        errors.append(
+            {
+                "loc": ["train", "method"],
+                "msg": f"the recipe's RL step is one of {', '.join(RECIPE_METHODS)}, not {m}; "
+                + ("its SFT step is set under sft:" if m == "sft" else "leave train.method out for ppo"),
+            }
+        )
+    if spec.dataset is not None:
+        errors.append(
+            {"loc": ["dataset"], "msg": "the recipe generates its own data: give prompts: instead of dataset:"}
+        )
+    if spec.data.labels != "ai":
+        errors.append(
+            {
+                "loc": ["data", "labels"],
+                "msg": "the recipe's SFT step trains on the revisions and its RL rounds on the judge's labels; "
+                "remove labels: revision",
+            }
+        )
+    if spec.train.reward_model:
+        errors.append(
+            {
+                "loc": ["train", "reward_model"],
+                "msg": "the recipe trains a reward model in every round; remove train.reward_model "
+                "(set its training under reward: {args: …})",
+            }
+        )
+    if spec.reward is not None and m not in ("ppo", "grpo"):
+        errors.append({"loc": ["reward"], "msg": f"reward is trained for ppo and grpo only, not {m}; remove it"})
+    if spec.evaluate is None:
+        errors.append(
+            {
+                "loc": ["evaluate"],
+                "msg": "the recipe ends by comparing its policy with the base and the SFT policy; add e.g. "
+                "evaluate: {prompts: builtin:red-team-heldout, limit: 32}",
+            }
+        )
+    return errors

@@ -1,4 +1,4 @@
-"""Stage `evaluate`: the trained policy against its base on held-out prompts.
+"""Stage `evaluate`: the trained policy against its base (and, in the recipe, its SFT policy) on held-out prompts.
 
 Both models answer each prompt with the same sampler and seed (HF `generate`, so a LoRA
 adapter needs no merging or serving; the base answers come from the same loaded weights with
@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 from charter.constitution import DEFAULT_COMPARISON, Constitution
+from charter.models import SAFE_TOKENIZER, SAFE_WEIGHTS
 from charter.pipelines.engine import Engine, gather_progress
 from charter.pipelines.events import Reporter
 from charter.pipelines.label import compare
@@ -31,13 +31,14 @@ def load_policy(base_path: str, trained: dict[str, Any] | None) -> tuple[Any, An
 
     if trained and trained["kind"] == "model":
         path = trained["path"]
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **SAFE_WEIGHTS)
+        return model, AutoTokenizer.from_pretrained(path, **SAFE_TOKENIZER)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **SAFE_WEIGHTS)
     if trained:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, trained["path"])
-    return model, AutoTokenizer.from_pretrained(base_path)
+    return model, AutoTokenizer.from_pretrained(base_path, **SAFE_TOKENIZER)
 
 
 def sample(
@@ -48,6 +49,7 @@ def sample(
     seed: int,
     batch_size: int = 32,
     on_batch: Any = None,
+    temperature: float = 0.7,
 ) -> tuple[list[str], list[int]]:
     """Answers and their token counts; left padding so a batch generates together."""
     import torch
@@ -68,7 +70,7 @@ def sample(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=True,
-                temperature=0.7,
+                temperature=temperature,
                 top_p=0.95,
                 pad_token_id=tok.pad_token_id,
             )
@@ -91,20 +93,20 @@ def win_rate(outcomes: list[float]) -> tuple[float | None, list[float] | None]:
     return mean, [max(0.0, mean - half), min(1.0, mean + half)]
 
 
-def evaluate(
-    judge: Engine,
-    c: Constitution,
+Policy = tuple[str, dict[str, Any] | None]  # (base model path, a train stage's result; None: the base itself)
+
+
+def answers(
+    policies: dict[str, Policy],
     prompts: list[Messages],
-    base_path: str,
-    trained: dict[str, Any],
-    ev: EvaluateSpec,
-    jspec: JudgeSpec,
+    max_new_tokens: int,
     seed: int,
-    out_dir: Path,
     report: Reporter,
-) -> tuple[list[dict], dict]:
-    report.started("evaluate", total=len(prompts), phase="sampling")
-    answers: dict[str, tuple[list[str], list[int]]] = {}
+    temperature: float = 0.7,
+) -> dict[str, tuple[list[str], list[int]]]:
+    """Each policy's answers and token counts, same sampler and seed. An adapter and its own base
+    share one loaded copy: the base answers with the adapter switched off."""
+    out: dict[str, tuple[list[str], list[int]]] = {}
 
     def run_sampling(name: str, model: Any, tok: Any) -> None:
         t0 = time.monotonic()
@@ -113,63 +115,94 @@ def evaluate(
             tps = round(tokens / max(time.monotonic() - t0, 1e-9), 1)
             report.progress(n, len(prompts), force=True, phase=f"sampling {name}", tokens_per_s=tps)
 
-        answers[name] = sample(model, tok, prompts, ev.max_new_tokens, seed, on_batch=tick)
-        report.message(f"evaluate: sampled {len(prompts)} answers from the {name} policy")
+        out[name] = sample(model, tok, prompts, max_new_tokens, seed, on_batch=tick, temperature=temperature)
+        report.message(f"{report.stage or 'evaluate'}: sampled {len(prompts)} answers from the {name} policy")
 
-    if trained["kind"] == "model":
-        for name, adapter in (("base", None), ("trained", trained)):
-            model, tok = load_policy(base_path, adapter)
-            run_sampling(name, model, tok)
-            del model
-    else:  # one copy of the base weights: the base answers with the adapter switched off
-        model, tok = load_policy(base_path, trained)
-        with model.disable_adapter():
-            run_sampling("base", model, tok)
-        run_sampling("trained", model, tok)
+    for name, (base, trained) in policies.items():
+        if name in out:
+            continue
+        model, tok = load_policy(base, trained)
+        if trained and trained["kind"] == "adapter":
+            for other, (other_base, other_trained) in policies.items():
+                if other not in out and other_trained is None and other_base == base:
+                    with model.disable_adapter():
+                        run_sampling(other, model, tok)
+        run_sampling(name, model, tok)
         del model
+    return out
 
+
+def evaluate(
+    judge: Engine,
+    c: Constitution,
+    prompts: list[Messages],
+    policy: Policy,
+    references: dict[str, Policy],
+    ev: EvaluateSpec,
+    jspec: JudgeSpec,
+    seed: int,
+    report: Reporter,
+) -> tuple[list[dict], dict]:
+    """The trained `policy` against each reference policy, judged per prompt in both orders.
+
+    The summary is the comparison with the first reference (a job's base); with more than one,
+    `versus` holds every comparison by name (the recipe's `base` and `sft`).
+    """
+    report.started("evaluate", total=len(prompts), phase="sampling")
+    got = answers({"trained": policy, **references}, prompts, ev.max_new_tokens, seed, report)
     request = DEFAULT_COMPARISON
+    names = list(references)
 
     async def run() -> list:
+        n = len(prompts)
         try:
             return await gather_progress(
                 [
                     compare(judge, c, p, t, b, request, jspec.retries)
-                    for p, t, b in zip(prompts, answers["trained"][0], answers["base"][0], strict=True)
+                    for name in names
+                    for p, t, b in zip(prompts, got["trained"][0], got[name][0], strict=True)
                 ],
-                lambda n: report.progress(n, len(prompts), phase="judging"),
+                lambda k: report.progress(k, n * len(names), phase="judging"),
             )
         finally:
             await judge.close()
 
     verdicts = asyncio.run(run())
-    rows, outcomes = [], []
+    rows = [{"prompt": p, **{name: got[name][0][i] for name in got}} for i, p in enumerate(prompts)]
+    versus = {}
+    for k, name in enumerate(names):
+        outcomes, versus[name] = _judged(verdicts[k * len(prompts) : (k + 1) * len(prompts)])
+        for row, (p_trained, outcome) in zip(rows, outcomes, strict=True):
+            keys = ("p_trained", "outcome") if k == 0 else (f"p_trained_vs_{name}", f"outcome_vs_{name}")
+            row.update(zip(keys, (p_trained, outcome), strict=True))
+    mean_length = {k: round(sum(v[1]) / max(len(v[1]), 1), 1) for k, v in got.items()}
+    summary = {**versus[names[0]], "mean_length": mean_length, "comparison_request": request}
+    if len(names) > 1:
+        summary["versus"] = versus
+    return rows, summary
+
+
+def _judged(verdicts: list) -> tuple[list[tuple[float | None, float | None]], dict[str, Any]]:
+    """Per prompt (P(trained better), outcome), and the win rate: a win when both orders prefer the
+    trained answer, a loss when both prefer the other, a tie when they disagree; unparsed: dropped."""
+    per_prompt, outcomes = [], []
     wins = losses = ties = dropped = 0
-    for i, (p, v) in enumerate(zip(prompts, verdicts, strict=True)):
+    for v in verdicts:
         if v is None:
             dropped += 1
             outcome = None
-        elif v.agree:
-            outcome = 1.0 if v.p_first > 0.5 else 0.0
+        else:
+            outcome = v.outcome
             wins += outcome == 1.0
             losses += outcome == 0.0
-        else:
-            outcome, ties = 0.5, ties + 1
+            ties += outcome == 0.5
         if outcome is not None:
             outcomes.append(outcome)
-        rows.append(
-            {
-                "prompt": p,
-                "trained": answers["trained"][0][i],
-                "base": answers["base"][0][i],
-                "p_trained": None if v is None else round(v.p_first, 4),
-                "outcome": outcome,
-            }
-        )
+        per_prompt.append((None if v is None else round(v.p_first, 4), outcome))
     rate, ci = win_rate(outcomes)
-    judged = len(prompts) - dropped
-    summary = {
-        "n_prompts": len(prompts),
+    judged = len(verdicts) - dropped
+    return per_prompt, {
+        "n_prompts": len(verdicts),
         "wins": wins,
         "losses": losses,
         "ties": ties,
@@ -177,7 +210,4 @@ def evaluate(
         "win_rate": None if rate is None else round(rate, 4),
         "win_rate_ci95": None if ci is None else [round(x, 4) for x in ci],
         "eval_position_agreement": round((wins + losses) / judged, 4) if judged else None,
-        "mean_length": {k: round(sum(v[1]) / max(len(v[1]), 1), 1) for k, v in answers.items()},
-        "comparison_request": request,
     }
-    return rows, summary

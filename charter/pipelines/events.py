@@ -22,11 +22,19 @@ class Reporter:
         self._last_progress = 0.0
         self._lock = lock or threading.Lock()
         self.stage: str | None = None
+        self.alias: str | None = None
 
     def fork(self) -> Reporter:
         """A reporter for a stage running beside this one (its own stage and throttle, the same
         stream): whole lines, never interleaved."""
         return Reporter(self.out, self.min_interval_s, self._lock)
+
+    def as_stage(self, name: str) -> Reporter:
+        """A reporter on which a stage function's own name (`label`, `train`) reads as `name`
+        (`rl.k1.label`): the recipe runs the same stage functions once per round."""
+        r = self.fork()
+        r.alias = name
+        return r
 
     def emit(self, type: str, data: dict[str, Any], level: str = "info") -> None:
         line = PREFIX + json.dumps({"type": type, "level": level, "data": data}, default=str) + "\n"
@@ -35,7 +43,7 @@ class Reporter:
             self.out.flush()
 
     def started(self, stage: str, total: int | None = None, **extra: Any) -> None:
-        self.stage = stage
+        stage = self.stage = self.alias or stage
         self.emit("stage", {"stage": stage, "state": "started", "done": 0, "total": total, **extra})
 
     def progress(self, done: int, total: int | None = None, force: bool = False, **extra: Any) -> None:
@@ -46,9 +54,11 @@ class Reporter:
         self.emit("stage", {"stage": self.stage, "state": "progress", "done": done, "total": total, **extra})
 
     def done(self, stage: str, **extra: Any) -> None:
+        stage = self.alias or stage
         self.emit("stage", {"stage": stage, "state": "done", **extra})
 
     def skipped(self, stage: str) -> None:
+        stage = self.alias or stage
         self.emit("stage", {"stage": stage, "state": "skipped", "reason": "its manifest exists (resumed job)"})
 
     def metrics(self, data: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
     python -m charter.pipelines.run --spec spec.json --workdir ARTIFACT_ROOT/<job>
 
 generate → critique → revise (N rounds) → label → train → evaluate; a spec with `dataset:`
-instead of `prompts:` trains on that dataset and skips the four generation stages. Each stage writes its
+instead of `prompts:` trains on that dataset and skips the four generation stages; a spec with
+`recipe: constitutional-ai` runs SL-CAI and rounds of RL-CAI instead (recipe.py). Each stage writes its
 rows and then its manifest; a stage whose manifest exists is skipped, so a job picked up
 again after a crash resumes where it stopped. Progress goes out as `@@event` lines (see
 events.py); the summary and artifact paths go to `result.json`, read by the worker.
@@ -14,6 +15,7 @@ the worker, which owns the local vLLM servers) or from the spec's `judge.base_ur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -25,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from charter import access, dataset, models, prompts
 from charter import constitution as constitutions
-from charter import dataset, models, prompts
 from charter.errors import CharterError
+from charter.pipelines import launch
 from charter.pipelines.artifacts import Workdir, write_atomic, write_jsonl
 from charter.pipelines.critique import critique
 from charter.pipelines.engine import Engine
@@ -35,8 +38,10 @@ from charter.pipelines.evaluate import evaluate
 from charter.pipelines.events import Reporter
 from charter.pipelines.generate import generate
 from charter.pipelines.label import label
+from charter.pipelines.recipe import run_recipe
 from charter.pipelines.revise import revise
 from charter.pipelines.train import train
+from charter.settings import Settings
 from charter.spec import JobSpec
 from charter.validation import resolve_files
 
@@ -49,11 +54,7 @@ def run_job(
     judge_model = spec.judge.served_model_name
 
     def engine(url: str, model: str | None, name: str) -> Engine:
-        # A fresh client per stage: each stage runs its own event loop.
-        j = spec.judge
-        return Engine(
-            url, model, name=name, max_concurrency=j.max_concurrency, timeout_s=j.timeout_s, retries=j.retries
-        )
+        return _engine(spec, url, model, name)
 
     def judge() -> Engine:
         return engine(judge_url, judge_model, "judge")
@@ -85,6 +86,13 @@ def run_job(
         report.done(name.split(".")[0], rows=m["rows"], **{k: v for k, v in counts.items() if k != "rows"})
         return rows
 
+    if spec.recipe:
+
+        def revised() -> tuple[list[dict], str]:
+            return _revised_rows(spec, stage, c, judge, policy, report)
+
+        return run_recipe(spec, wd, revised, c, judge, policy_path, report)
+
     method = spec.train.method
     online = method in ONLINE
     label_counts: dict[str, Any] = {}
@@ -101,7 +109,7 @@ def run_job(
     if online:
         # grpo, rloo and ppo sample from the policy as they train: they need prompts, not pairs.
         if spec.dataset:
-            train_rows = [{"prompt": r["prompt"]} for r in pairs + sft_rows if "prompt" in r]
+            train_rows = [r for r in pairs + sft_rows if "prompt" in r]  # other fields are graders' {{item.…}}
         else:
             assert spec.prompts is not None
             train_rows = [{"prompt": p} for p in prompts.load(spec.prompts.source, spec.prompts.limit)]
@@ -115,13 +123,15 @@ def run_job(
 
     # train
     if not wd.done("train"):
-        ctx = {
-            "constitution": c,
-            "judge_engine": judge,
-            "judge_retries": spec.judge.retries,
-            "artifact_root": workdir.parent,
-        }
-        info = train(spec.train, train_rows, policy_path, wd.stage_dir("train"), spec.data.seed, report, rewards=ctx)
+        out, seed = wd.stage_dir("train"), spec.data.seed
+        validation = dataset.load(Path(spec.dataset.validation))[1] if spec.dataset and spec.dataset.validation else []
+        if spec.train.launcher == "accelerate":  # N ranks in child processes; this process orchestrates
+            info = launch.train(
+                spec, train_rows, policy_path, out, seed, judge_url, workdir.parent, report, validation=validation
+            )
+        else:
+            ctx = reward_context(spec, c, judge_url, workdir.parent)
+            info = train(spec.train, train_rows, policy_path, out, seed, report, rewards=ctx, validation=validation)
         wd.finish(
             "train",
             info["kind"],
@@ -158,12 +168,11 @@ def run_job(
                 judge(),
                 c,
                 ev_prompts,
-                policy_path,
-                trained,
+                (policy_path, trained),
+                {"base": (policy_path, None)},
                 spec.evaluate,
                 spec.judge,
                 spec.data.seed,
-                wd.stage_dir("evaluate"),
                 report,
             )
             wd.finish("evaluate", "evaluation", ev_rows, ["train"], summary)
@@ -193,6 +202,24 @@ def run_job(
     return {"report": report_json, "artifacts": artifacts}
 
 
+def _engine(spec: JobSpec, url: str | None, model: str | None, name: str) -> Engine:
+    # A fresh client per stage: each stage runs its own event loop.
+    j = spec.judge
+    return Engine(url, model, name=name, max_concurrency=j.max_concurrency, timeout_s=j.timeout_s, retries=j.retries)
+
+
+def reward_context(
+    spec: JobSpec, c: constitutions.Constitution, judge_url: str | None, artifact_root: Path | str
+) -> dict[str, Any]:
+    """What grpo/rloo reward sources need beyond the spec (train.train's `rewards`)."""
+    return {
+        "constitution": c,
+        "judge_engine": lambda: _engine(spec, judge_url, spec.judge.served_model_name, "judge"),
+        "judge_retries": spec.judge.retries,
+        "artifact_root": Path(artifact_root),
+    }
+
+
 def _constitutional_rows(
     spec: JobSpec,
     wd: Workdir,
@@ -203,10 +230,6 @@ def _constitutional_rows(
     report: Reporter,
 ) -> tuple[list[dict], list[dict], dict[str, Any], str]:
     """generate → critique → revise × N → label: (preference pairs, SFT rows, label counts, last stage)."""
-    assert spec.prompts is not None
-    ps = prompts.load(spec.prompts.source, spec.prompts.limit)
-    rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
-    parent = "generate"
 
     # AI labels need only the policy's samples: the label stage runs beside critique/revise,
     # so the judge server batches its prefill-only requests into their decode steps.
@@ -214,24 +237,15 @@ def _constitutional_rows(
         return stage("label", "preferences", lambda: label(judge(), c, rows, spec.data, spec.judge, reporter), [parent])
 
     beside = ThreadPoolExecutor(1, thread_name_prefix="label")
-    labelled = beside.submit(label_stage, rows, "generate", report.fork()) if spec.data.labels == "ai" else None
-    try:
-        for r in range(1, spec.data.revision_rounds + 1):
-            rows = stage(
-                f"critique.r{r}",
-                "critiques",
-                lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
-                [parent],
-            )
-            rows = stage(
-                f"revise.r{r}",
-                "revisions",
-                lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
-                [f"critique.r{r}"],
-            )
-            parent = f"revise.r{r}"
-        revised = rows
+    labelled = None
 
+    def on_samples(rows: list[dict]) -> None:
+        nonlocal labelled
+        if spec.data.labels == "ai":
+            labelled = beside.submit(label_stage, rows, "generate", report.fork())
+
+    try:
+        revised, parent = _revised_rows(spec, stage, c, judge, policy, report, on_samples)
         # label: preference pairs (dpo, reward, kto), and SFT rows from the final revisions (sft)
         pairs = labelled.result() if labelled else label_stage(revised, parent, report)
     finally:
@@ -242,6 +256,39 @@ def _constitutional_rows(
         if r["revisions"][-1]
     ]
     return pairs, sft_rows, wd.manifest("label")["counts"], parent
+
+
+def _revised_rows(
+    spec: JobSpec,
+    stage: Callable[..., list[dict]],
+    c: constitutions.Constitution,
+    judge: Callable[[], Engine],
+    policy: Callable[[], Engine],
+    report: Reporter,
+    on_samples: Callable[[list[dict]], None] = lambda rows: None,
+) -> tuple[list[dict], str]:
+    """generate → critique → revise × N: (rows with their revisions, last stage); `on_samples`
+    hears of the policy's samples as soon as they exist."""
+    assert spec.prompts is not None
+    ps = prompts.load(spec.prompts.source, spec.prompts.limit)
+    rows = stage("generate", "samples", lambda: generate(policy(), ps, spec.data, report))
+    on_samples(rows)
+    parent = "generate"
+    for r in range(1, spec.data.revision_rounds + 1):
+        rows = stage(
+            f"critique.r{r}",
+            "critiques",
+            lambda rows=rows, r=r: critique(judge(), c, rows, spec.judge, r, spec.data.seed, report),
+            [parent],
+        )
+        rows = stage(
+            f"revise.r{r}",
+            "revisions",
+            lambda rows=rows, r=r: revise(judge(), c, rows, spec.judge, r, report),
+            [f"critique.r{r}"],
+        )
+        parent = f"revise.r{r}"
+    return rows, parent
 
 
 def _uploaded_rows(spec: JobSpec, report: Reporter) -> tuple[list[dict], list[dict], dict[str, Any]]:
@@ -327,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Reporter()
     try:
         spec = JobSpec.model_validate(json.loads(ns.spec.read_text()))
+        spec = check_access(spec, ns.workdir.parent)
         # Uploaded files (file-…) live in ARTIFACT_ROOT/files, beside the job folders.
         files = Path(os.environ.get("CHARTER_FILES_DIR") or ns.workdir.parent / "files")
         spec = resolve_files(spec, lambda file_id: _uploaded(files, file_id))
@@ -342,6 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stdout)
         report.message(explain(e, report.stage, ns.workdir), level="error", stage=report.stage)
         return 1
+
+
+def check_access(spec: JobSpec, artifact_root: Path) -> JobSpec:
+    """The submit-time path checks again, now that the job runs (a symlink may have changed):
+    the spec with each local path replaced by where it resolves, which is what the job opens."""
+    settings = dataclasses.replace(Settings.from_env(), artifact_root=artifact_root)
+    checked, errors = access.check_spec(spec, settings)
+    judge = spec.judge.model if spec.judge.base_url is None else None  # a remote judge loads nothing here
+    for loc, ref in (("policy.model", spec.policy.model), ("judge.model", judge)):
+        try:
+            if ref:
+                models.resolve(ref, settings)
+        except CharterError as e:
+            errors.append({"loc": loc.split("."), "msg": str(e)})
+    if errors:
+        raise access.AccessError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+    return checked
 
 
 def explain(e: BaseException, stage: str | None, workdir: Path) -> str:

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from charter import plots
+from charter.models import SAFE_TOKENIZER, SAFE_WEIGHTS
 from charter.pipelines import monitors, trl_args
 from charter.pipelines.events import Reporter
 from charter.spec import TrainSpec
@@ -65,7 +67,25 @@ def _dataset(method: str, rows: list[dict]) -> Any:
                 for side in ("chosen", "rejected")
             ]
         )
-    return Dataset.from_list([{"prompt": r["prompt"]} for r in rows])  # grpo, rloo (ppo tokenizes its own)
+    # grpo, rloo (ppo tokenizes its own): a row's other fields travel as one JSON column, which TRL
+    # hands to reward functions as a keyword; one column keeps Arrow from typing users' fields.
+    return Dataset.from_list(
+        [
+            {"prompt": r["prompt"], "charter_item": json.dumps({k: v for k, v in r.items() if k != "prompt"})}
+            for r in rows
+        ]
+    )
+
+
+def no_remote_code(cfg: Any) -> None:
+    """TRL loads some models itself (a full-tuning reference model) with `model_init_kwargs`:
+    held to the same rules as charter's own loads, whatever `train.args` asked for."""
+    if hasattr(cfg, "trust_remote_code"):
+        cfg.trust_remote_code = False
+    for name in [n for n in vars(cfg) if n.endswith("model_init_kwargs")]:
+        kwargs = getattr(cfg, name)
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs or {})
+        setattr(cfg, name, {**kwargs, **SAFE_WEIGHTS})
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -105,8 +125,12 @@ def train(
     callbacks: list[Any] = (),
     *,
     rewards: dict[str, Any] | None = None,
+    validation: list[dict] = (),
 ) -> dict[str, Any]:
     """Train `spec.method` on `rows` (messages for sft; pairs for dpo/reward/kto; prompts for grpo/rloo/ppo).
+
+    `validation` rows (the same kind) are the trainer's eval_dataset: evaluated every
+    `eval_steps` (default 10) and once more at the end, logged as `eval_*` (eval_loss …).
 
     `rewards` carries what grpo/rloo reward sources need beyond the spec: `constitution`,
     `judge_engine` (a factory of engines), `judge_retries`, `artifact_root`.
@@ -123,6 +147,7 @@ def train(
         "seed": seed,
         "per_device_train_batch_size": 8,
         **trl_args.METHOD_DEFAULTS.get(method, {}),
+        **({"eval_strategy": "steps", "eval_steps": 10} if validation else {}),
     }
     forced = {"report_to": "none", **device_defaults(spec.args)}
     args = {**{k: v for k, v in defaults.items() if k not in spec.args}, **spec.args, **forced}
@@ -136,24 +161,32 @@ def train(
         funcs, weights = R.build(spec.rewards, **(rewards or {}))
         args["reward_weights"] = weights
     cfg = trl_args.build(method, {k: v for k, v in args.items() if k != "output_dir"}, str(out_dir / "checkpoints"), {})
+    no_remote_code(cfg)
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, **SAFE_TOKENIZER)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     history: list[dict] = []
     cbs = [monitors.callback(report, spec.monitors, history), *callbacks]
+    if spec.monitors.probe:
+        from charter.pipelines import probe
+
+        cbs.insert(1, probe.callback(spec.monitors, rewards or {}, tok, out_dir, seed, report, history))
     if method == "ppo":
         trainer = _ppo_trainer(spec, cfg, rows, model_path, tok, dtype, cbs, rewards or {})
     elif method == "reward":
         from trl import RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=dtype, **SAFE_WEIGHTS
+        )
         model.config.pad_token_id = tok.pad_token_id
         trainer = RewardTrainer(
             model=model,
             args=cfg,
             train_dataset=_dataset(method, rows),
+            eval_dataset=_dataset(method, list(validation)) if validation else None,
             processing_class=tok,
             peft_config=_peft(spec, "SEQ_CLS"),
             callbacks=cbs,
@@ -161,18 +194,23 @@ def train(
     else:
         import trl
 
-        cls = {
-            "sft": trl.SFTTrainer,
-            "dpo": trl.DPOTrainer,
-            "kto": trl.KTOTrainer,
-            "grpo": trl.GRPOTrainer,
-            "rloo": trl.RLOOTrainer,
-        }[method]
+        # By name: touching a class in trl's lazy module imports its trainer (GRPO's brings vLLM's client).
+        cls = getattr(
+            trl,
+            {
+                "sft": "SFTTrainer",
+                "dpo": "DPOTrainer",
+                "kto": "KTOTrainer",
+                "grpo": "GRPOTrainer",
+                "rloo": "RLOOTrainer",
+            }[method],
+        )
         extra = {"reward_funcs": funcs} if method in ("grpo", "rloo") else {}
         trainer = cls(
-            model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype),
+            model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **SAFE_WEIGHTS),
             args=cfg,
             train_dataset=_dataset(method, rows),
+            eval_dataset=_dataset(method, list(validation)) if validation else None,
             processing_class=tok,
             peft_config=_peft(spec, "CAUSAL_LM"),
             callbacks=cbs,
@@ -195,28 +233,35 @@ def train(
     if last:
         report.message(f"train: resuming from {last.name}", step=int(last.name.rsplit("-", 1)[1]))
     result = trainer.train(resume_from_checkpoint=str(last)) if last else trainer.train()
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h or "eval_reward" in h]
+    if validation and (not evaluated or evaluated[-1] != trainer.state.global_step):
+        trainer.evaluate()  # the final model's validation metrics, whatever eval_steps was
 
     final = out_dir / ("adapter" if spec.lora else "model")
-    trainer.save_model(str(final))
-    tok.save_pretrained(final)
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.save_model(str(final))  # every rank: DeepSpeed/FSDP gather the weights; only rank 0 writes
     # The whole run's metrics, a resumed run's earlier steps included (they come back with the checkpoint).
     history = [{"step": h.get("step"), **monitors.normalize(h)} for h in trainer.state.log_history]
-    (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
-    (final / "charter_train_config.json").write_text(
-        json.dumps(
-            {
-                "method": method,
-                "base_model": model_path,
-                "lora": spec.lora.model_dump() if spec.lora else None,
-                "rewards": [r.model_dump(mode="json") for r in spec.rewards] or None,
-                "trl_config": json.loads(cfg.to_json_string()),
-            },
-            indent=2,
-            default=str,
+    if (probed := out_dir / "probe_reference.json").exists():  # the win-rate probe's points, a resume's included
+        history += [{"step": s, "probe_win_rate": w} for s, w in json.loads(probed.read_text())["probes"][1:]]
+        history.sort(key=lambda h: h["step"] or 0)
+    if trainer.accelerator.is_main_process:
+        tok.save_pretrained(final)
+        (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
+        (final / "charter_train_config.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "base_model": model_path,
+                    "lora": spec.lora.model_dump() if spec.lora else None,
+                    "rewards": [r.model_dump(mode="json") for r in spec.rewards] or None,
+                    "trl_config": json.loads(cfg.to_json_string()),
+                },
+                indent=2,
+                default=str,
+            )
         )
-    )
-    monitors.plot_curve(history, out_dir / "curve.png", method)
+        plots.plot_curve(history, out_dir / "curve.png", method)
     losses = [h["loss"] for h in history if "loss" in h]
     info = {
         "kind": "adapter" if spec.lora else "model",
@@ -240,12 +285,36 @@ def train(
         }
         report.metrics(
             {
-                "stage": "train",
+                "stage": report.stage or "train",
                 "step": trainer.state.global_step,
                 **{f"heldout_{k}": v for k, v in info["heldout"].items()},
             }
         )
     return info
+
+
+def merge_adapter(trained: dict[str, Any], base_path: str, out: Path) -> str:
+    """A full model folder (safetensors) for a trained policy: its LoRA adapter merged into its
+    base, or the model folder itself after full fine-tuning. The recipe's next step starts from it,
+    since adapters trained on different bases do not stack."""
+    if trained["kind"] == "model":
+        return trained["path"]
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **SAFE_WEIGHTS)
+    merged = PeftModel.from_pretrained(model, trained["path"]).merge_and_unload()
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed attempt left half-written
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(trained["path"], **SAFE_TOKENIZER).save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return str(out)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -261,11 +330,18 @@ def atomic_checkpoints(trainer: Any, ckpt_dir: Path) -> None:
     folder that a resume would trust. Here the trainer writes into `.staging/` and the finished
     folder is renamed into `checkpoints/` (one rename, atomic on one filesystem); a stale
     staging folder from a killed save is cleared first. save_total_limit is applied after.
+
+    Under several processes every rank writes into the staged folder (its own rng state,
+    DeepSpeed/FSDP shards), so all ranks meet at a barrier before rank 0 alone renames, and
+    again after, so no rank saves or resumes while the folder is moving.
     """
     import shutil
 
+    acc = trainer.accelerator
     staging = ckpt_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    acc.wait_for_everyone()
     original = trainer._save_checkpoint
 
     def save(model: Any, trial: Any) -> None:
@@ -274,17 +350,26 @@ def atomic_checkpoints(trainer: Any, ckpt_dir: Path) -> None:
             original(model, trial)
         finally:
             trainer.args.output_dir = str(ckpt_dir)
-        for d in sorted(staging.glob("checkpoint-*")):
-            target = ckpt_dir / d.name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(d, target)
-        limit = trainer.args.save_total_limit
-        done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-        for old in done[:-limit] if limit else []:
-            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()  # every rank has written its part
+        if acc.is_main_process:
+            _publish(staging, ckpt_dir, trainer.args.save_total_limit)
+        acc.wait_for_everyone()  # the checkpoint has its final name
 
     trainer._save_checkpoint = save
+
+
+def _publish(staging: Path, ckpt_dir: Path, limit: int | None) -> None:
+    """Rename finished checkpoints out of `.staging/`, then keep the newest `limit`."""
+    import shutil
+
+    for d in sorted(staging.glob("checkpoint-*")):
+        target = ckpt_dir / d.name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(d, target)
+    done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for old in done[:-limit] if limit else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _ppo_trainer(
@@ -308,8 +393,8 @@ def _ppo_trainer(
             "PPO scores the policy's tokens directly, so train the reward model from the same base model"
         )
     value_model = copy.deepcopy(reward_model).train()
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    ref = None if spec.lora else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **SAFE_WEIGHTS)
+    ref = None if spec.lora else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **SAFE_WEIGHTS)
     chats = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
     dataset = Dataset.from_list([{"input_ids": x} for x in ids])

@@ -36,23 +36,26 @@ OWNED = {
 
 
 def config_class(method: str) -> type:
+    """The method's TRL config class. Only that one is imported: trl's lazy module pulls in a
+    whole trainer (GRPO's brings vLLM's client code) for each class touched, which cost an
+    SFT or DPO job seconds of imports it never used."""
     import trl
 
     if method == "ppo":
         from trl.experimental.ppo import PPOConfig
 
         return PPOConfig
-    classes = {
-        "sft": trl.SFTConfig,
-        "dpo": trl.DPOConfig,
-        "reward": trl.RewardConfig,
-        "kto": trl.KTOConfig,
-        "grpo": trl.GRPOConfig,
-        "rloo": trl.RLOOConfig,
+    names = {
+        "sft": "SFTConfig",
+        "dpo": "DPOConfig",
+        "reward": "RewardConfig",
+        "kto": "KTOConfig",
+        "grpo": "GRPOConfig",
+        "rloo": "RLOOConfig",
     }
-    if method not in classes:
+    if method not in names:
         raise ValueError(f"unknown method {method!r}")
-    return classes[method]
+    return getattr(trl, names[method])
 
 
 # charter's CPU-sized defaults per method, used only where train.args leaves the key unset.
@@ -74,15 +77,19 @@ SET_FROM_SPEC = {
 }
 
 
-def check_train(train: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]:
+def check_train(
+    train: dict[str, Any], cpu: bool = True, artifact_root: str | None = None, recipe: bool = False
+) -> list[dict[str, Any]]:
     """Everything about a job's `train` section that needs TRL or the operator's modules:
-    method-specific requirements, python reward functions, then `train.args` by TRL's parser."""
+    method-specific requirements, python reward functions, then `train.args` by TRL's parser.
+    Reward models named by job id are looked up in `artifact_root` (the API's ARTIFACT_ROOT).
+    In a recipe each round trains its own reward model, so ppo and grpo need none named."""
     from charter.spec import TrainSpec
 
     spec = TrainSpec.model_validate(train)
     errors: list[dict[str, Any]] = []
     m = spec.method
-    if m in ("grpo", "rloo") and not spec.rewards:
+    if m in ("grpo", "rloo") and not spec.rewards and not recipe:
         errors.append(
             {
                 "loc": ["train", "rewards"],
@@ -94,7 +101,7 @@ def check_train(train: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]
         errors.append(
             {"loc": ["train", "rewards"], "msg": f"rewards are read by grpo and rloo only, not {m}; remove them"}
         )
-    if m == "ppo" and not spec.reward_model:
+    if m == "ppo" and not spec.reward_model and not recipe:
         errors.append(
             {
                 "loc": ["train", "reward_model"],
@@ -110,7 +117,7 @@ def check_train(train: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]
             }
         )
     if spec.reward_model:
-        errors += _reward_model_error(["train", "reward_model"], spec.reward_model)
+        errors += _reward_model_error(["train", "reward_model"], spec.reward_model, artifact_root)
     for i, src in enumerate(spec.rewards):
         if src.type == "python":
             from charter.pipelines.rewards import load_python
@@ -120,18 +127,33 @@ def check_train(train: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]
             except ValueError as e:
                 errors.append({"loc": ["train", "rewards", i, "function"], "msg": str(e)})
         elif src.type == "reward_model":
-            errors += _reward_model_error(["train", "rewards", i, "model"], src.model)
+            errors += _reward_model_error(["train", "rewards", i, "model"], src.model, artifact_root)
     for key in spec.args:
         if key in SET_FROM_SPEC:
             errors.append({"loc": ["train", "args", key], "msg": f"{key} is set by charter: {SET_FROM_SPEC[key]}"})
+        value = spec.args[key]
+        if key.endswith("model_init_kwargs") and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        if key.endswith("model_init_kwargs") and isinstance(value, dict):
+            for owned in sorted({"trust_remote_code", "use_safetensors"} & set(value)):
+                errors.append(
+                    {
+                        "loc": ["train", "args", key, owned],
+                        "msg": f"{owned} is set by charter: it never runs code shipped with a model and loads "
+                        "safetensors weights only; remove it",
+                    }
+                )
     return errors or check(m, spec.args, cpu)
 
 
-def _reward_model_error(loc: list, ref: str) -> list[dict[str, Any]]:
+def _reward_model_error(loc: list, ref: str, artifact_root: str | None) -> list[dict[str, Any]]:
+    from pathlib import Path
+
     from charter.pipelines.rewards import resolve_reward_model
 
     try:
-        resolve_reward_model(ref)
+        resolve_reward_model(ref, Path(artifact_root) if artifact_root else None)
     except ValueError as e:
         return [{"loc": loc, "msg": str(e)}]
     return []
@@ -220,7 +242,11 @@ def serve() -> None:
         try:
             req = json.loads(line)
             if "train" in req:
-                out = {"errors": check_train(req["train"], req.get("cpu", True))}
+                out = {
+                    "errors": check_train(
+                        req["train"], req.get("cpu", True), req.get("artifact_root"), req.get("recipe", False)
+                    )
+                }
             else:
                 out = {"errors": check(req["method"], req["args"], req.get("cpu", True))}
         except Exception as e:  # a bug here must not take the validator down

@@ -109,8 +109,8 @@ GRADERS = [
 
 @pytest.mark.parametrize(
     "method,lora",
-    [("grpo", True), ("grpo", False), ("rloo", True)],
-    ids=["grpo-lora", "grpo-full", "rloo-lora"],
+    [("grpo", True), ("grpo", False), ("rloo", True), ("rloo", False)],
+    ids=["grpo-lora", "grpo-full", "rloo-lora", "rloo-full"],
 )
 def test_grpo_and_rloo_with_graders(tiny_model, tmp_path, monkeypatch, method, lora):
     monkeypatch.setenv("CHARTER_REWARD_MODULES", "tests.pipelines.reward_fns")
@@ -219,3 +219,51 @@ def test_grpo_with_a_reward_model_source(tiny_model, tmp_path, reward_job):
     (m,) = [m for m in metrics(out) if "reward" in m]
     assert m["reward/rm/std"] > 0  # the reward model told the four completions apart
     assert m["reward"] == pytest.approx(m["reward/rm/mean"], rel=1e-4)
+
+
+def test_grpo_grader_reads_each_rows_own_fields(tiny_model, tmp_path):
+    """An OpenAI grader's {{item.answer}} is each row's own field: half the rows' answers occur in
+    every completion (the empty string), half in none, so every step's mean reward is exactly 0.5.
+    (Each prompt's completions then score alike, so no advantage and no update: not tested here.)"""
+    rows = [{**r, "answer": "" if i % 2 else "zzqqzz", "n": i} for i, r in enumerate(prompt_rows(4))]
+    grader = {
+        "type": "string_check",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "like",
+    }
+    spec = TrainSpec.model_validate(
+        {
+            "method": "grpo",
+            "lora": {"r": 4, "alpha": 8},
+            "rewards": [{"type": "grader", "name": "answer", "grader": grader}],
+            # 8 completions, 2 per prompt: every step sees all 4 rows
+            "args": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 8,
+                "num_generations": 2,
+                "max_completion_length": 8,
+            },
+        }
+    )
+    out = io.StringIO()
+    train(spec, rows, tiny_model, tmp_path, 0, Reporter(out))
+    logged = [m for m in metrics(out) if "reward" in m]
+    assert len(logged) == 2 and all(m["reward/answer/mean"] == pytest.approx(0.5) for m in logged)
+
+
+def test_validation_rows_log_eval_loss_at_the_end(tiny_model, tmp_path):
+    from tests.pipelines.test_train import sft_rows
+
+    rows = sft_rows()
+    spec = TrainSpec.model_validate({"method": "sft", "lora": {"r": 4, "alpha": 8}, "args": {"max_steps": 3}})
+    out = io.StringIO()
+    info = train(spec, rows, tiny_model, tmp_path, 0, Reporter(out), validation=rows[:2])
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    # eval_steps defaults to 10: the only evaluation is the one after the last step
+    assert [m["step"] for m in evals] == [3] and evals[0]["eval_loss"] > 0
+    assert info["steps"] == 3
+    spec = TrainSpec.model_validate({"method": "sft", "args": {"max_steps": 2, "eval_steps": 1}})
+    out = io.StringIO()
+    train(spec, rows, tiny_model, tmp_path / "every", 0, Reporter(out), validation=rows[:2])
+    assert [m["step"] for m in metrics(out) if "eval_loss" in m] == [1, 2]  # step 2 not evaluated twice

@@ -74,6 +74,14 @@ def ok(train):
             "reward",
         ),
         ({"method": "grpo", "rewards": [{"type": "judge"}], "monitors": {"max_kl": -1}}, ["train", "monitors"], ""),
+        ({"method": "dpo", "launcher": "accelerate", "num_processes": 0}, ["train", "num_processes"], "greater"),
+        ({"method": "dpo", "num_processes": 2}, ["train"], "need launcher: accelerate"),
+        ({"method": "dpo", "launcher": "torchrun"}, ["train", "launcher"], "accelerate"),
+        (
+            {"method": "dpo", "launcher": "accelerate", "accelerate_config": "zero3"},
+            ["train", "accelerate_config"],
+            "deepspeed-zero3",
+        ),
     ],
 )
 def test_train_mistakes_name_the_field(train, loc, needle):
@@ -93,7 +101,15 @@ def test_good_train_sections_pass():
     )
     assert [r.type for r in t.rewards] == ["judge", "length"]
     assert ok({"method": "kto", "args": {"desirable_weight": 1.5}}).method == "kto"
+    t = ok({"method": "dpo", "launcher": "accelerate", "num_processes": 2, "accelerate_config": "deepspeed-zero2"})
+    assert (t.launcher, t.num_processes, t.accelerate_config) == ("accelerate", 2, "deepspeed-zero2")
     assert ok({"method": "reward", "args": {"center_rewards_coefficient": 0.01}}).method == "reward"
+
+
+def test_the_two_process_example_passes():
+    raw = yaml.safe_load((Path(__file__).parent.parent.parent / "examples" / "grpo-two-processes.yaml").read_text())
+    t = validation.validate_job_spec(raw).train
+    assert (t.launcher, t.num_processes) == ("accelerate", 2)
 
 
 def test_ppo_args_are_checked_against_ppoconfig():
@@ -109,3 +125,18 @@ def test_allowed_python_reward_passes(monkeypatch):
     train["rewards"][0]["function"] = "tests.pipelines.reward_fns:nope"
     (err,) = trl_args.check_train(train)
     assert err["loc"] == ["train", "rewards", 0, "function"] and "nope" in err["msg"]
+
+
+def test_no_train_args_turn_on_remote_code_or_pickle_weights(tmp_path):
+    from charter.pipelines.train import no_remote_code
+
+    for args in ({"trust_remote_code": True}, {"model_init_kwargs": {"trust_remote_code": True}}):
+        errs = errors_for({"method": "dpo", "args": args})
+        assert errs[0]["loc"][:3] == ["train", "args", next(iter(args))] and "set by charter" in errs[0]["msg"]
+    errs = errors_for({"method": "dpo", "args": {"model_init_kwargs": '{"use_safetensors": false}'}})
+    assert errs[0]["loc"] == ["train", "args", "model_init_kwargs", "use_safetensors"]
+    # TRL builds a full-tuning reference model itself from model_init_kwargs: held to the same rules.
+    cfg = trl_args.build("dpo", {"model_init_kwargs": {"dtype": "float32"}}, str(tmp_path), {"bf16": False})
+    no_remote_code(cfg)
+    assert cfg.trust_remote_code is False
+    assert cfg.model_init_kwargs == {"dtype": "float32", "trust_remote_code": False, "use_safetensors": True}
