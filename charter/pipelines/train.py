@@ -4,7 +4,7 @@
 sequence classifier, accuracy and margin reported on held-out pairs) on `prompt`/`chosen`/
 `rejected` rows; `kto` on the same pairs unpaired (chosen desirable, rejected undesirable);
 `grpo`/`rloo` on prompts with the reward sources of rewards.py; `ppo` (TRL's experimental
-PPOTrainer) on prompts with a `reward` job's model as reward and value model. `train.args` are TRL config keys (parsed by TRL, see trl_args.py); charter
+PPOTrainer, made resumable in ppo.py) on prompts with a `reward` job's model as reward and value model. `train.args` are TRL config keys (parsed by TRL, see trl_args.py); charter
 adds its own defaults only where the user set nothing, and on a CPU trains in float32 (no
 native bf16 there). Every logging step becomes a `metrics` event under stable names (loss, reward,
 reward/<source>/mean|std, kl, entropy, completion_length, clip_fraction, learning_rate);
@@ -174,7 +174,9 @@ def train(
 
         cbs.insert(1, probe.callback(spec.monitors, rewards or {}, tok, out_dir, seed, report, history))
     if method == "ppo":
-        trainer = _ppo_trainer(spec, cfg, rows, model_path, tok, dtype, cbs, rewards or {})
+        from charter.pipelines import ppo
+
+        trainer = ppo.trainer(spec, cfg, rows, model_path, tok, dtype, cbs, rewards or {})
     elif method == "reward":
         from trl import RewardTrainer
 
@@ -226,10 +228,6 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     atomic_checkpoints(trainer, ckpt_dir)
     last = last_checkpoint(ckpt_dir)
-    if last and method == "ppo":
-        # TRL's PPOTrainer.train() takes no resume_from_checkpoint: it cannot pick up its optimizer or step.
-        report.message(f"train: ppo cannot resume from {last.name} (TRL has no PPO resume); starting from step 0")
-        last = None
     if last:
         report.message(f"train: resuming from {last.name}", step=int(last.name.rsplit("-", 1)[1]))
     result = trainer.train(resume_from_checkpoint=str(last)) if last else trainer.train()
@@ -370,42 +368,3 @@ def _publish(staging: Path, ckpt_dir: Path, limit: int | None) -> None:
     done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     for old in done[:-limit] if limit else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _ppo_trainer(
-    spec: TrainSpec, cfg: Any, rows: list[dict], model_path: str, tok: Any, dtype: Any, cbs: list, ctx: dict
-) -> Any:
-    """PPO: policy (+LoRA or full), reference (the base; implicit with LoRA), reward model from a
-    `reward` job, value model initialised from that reward model (TRL's own example does the same)."""
-    import copy
-
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl.experimental.ppo import PPOTrainer
-
-    from charter.pipelines.rewards import load_reward_model, resolve_reward_model
-
-    rm_path = resolve_reward_model(spec.reward_model, ctx.get("artifact_root"))
-    reward_model, rm_tok = load_reward_model(rm_path, dtype)
-    if rm_tok.get_vocab() != tok.get_vocab():
-        raise ValueError(
-            f"train.reward_model: {rm_path} uses a different tokenizer from the policy {model_path}; "
-            "PPO scores the policy's tokens directly, so train the reward model from the same base model"
-        )
-    value_model = copy.deepcopy(reward_model).train()
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **SAFE_WEIGHTS)
-    ref = None if spec.lora else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **SAFE_WEIGHTS)
-    chats = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
-    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
-    dataset = Dataset.from_list([{"input_ids": x} for x in ids])
-    return PPOTrainer(
-        args=cfg,
-        processing_class=tok,
-        model=policy,
-        ref_model=ref,
-        reward_model=reward_model,
-        value_model=value_model,
-        train_dataset=dataset,
-        callbacks=cbs,
-        peft_config=_peft(spec, "CAUSAL_LM"),
-    )
