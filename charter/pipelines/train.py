@@ -243,7 +243,8 @@ def train(
         history += [{"step": s, "probe_win_rate": w} for s, w in json.loads(probed.read_text())["probes"][1:]]
         history.sort(key=lambda h: h["step"] or 0)
     if trainer.accelerator.is_main_process:
-        tok.save_pretrained(final)
+        if not (final / "tokenizer_config.json").exists():  # TRL's trainers save it with the model already
+            tok.save_pretrained(final)
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
         (final / "charter_train_config.json").write_text(
