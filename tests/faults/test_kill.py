@@ -142,13 +142,15 @@ def worker_process(tmp_path: Path, db: str, root: Path, name: str) -> subprocess
     )
 
 
-def test_kill_9_of_the_worker_during_critique(tmp_path: Path, policy_env: str, fault: Any) -> None:
-    """Worker A dies mid-job; its job process dies with it; worker B takes the job over after the
-    lease runs out and resumes after `generate`, whose rows are kept as they were."""
+@pytest.mark.parametrize("stage", ["generate", "critique"])
+def test_kill_9_of_the_worker_mid_stage(tmp_path: Path, policy_env: str, fault: Any, stage: str) -> None:
+    """Worker A dies mid-stage; its job process dies with it; worker B takes the job over after the
+    lease runs out and resumes after the last finished stage: killed in generate, it generates
+    again from nothing; killed in critique, it keeps generate's rows as they were."""
     db = f"sqlite:///{tmp_path / 'charter.db'}"
     store = make_store(db)
     root = tmp_path / "artifacts"
-    job = store.create_job(spec(policy_env, "kill-worker"), name="kill-worker")
+    job = store.create_job(spec(policy_env, f"kill-worker-{stage}"), name=f"kill-worker-{stage}")
     workdir = root / job.id
 
     def worker(name: str) -> subprocess.Popen:
@@ -156,11 +158,12 @@ def test_kill_9_of_the_worker_during_critique(tmp_path: Path, policy_env: str, f
 
     a = worker("worker-a")
     try:
-        wait_for(lambda: stage_started(store, job.id, "critique"), 180, "critique starting")
-        generated = (workdir / "generate" / "rows.jsonl").read_text()
-        (job_pid,) = job_pids(workdir)
+        wait_for(lambda: stage_started(store, job.id, stage), 180, f"{stage} starting")
+        generated = (workdir / "generate" / "rows.jsonl").read_text() if stage == "critique" else None
+        (job_pid,) = wait_for(lambda: job_pids(workdir), 10, "the job process showing up")
         a.kill()
         a.wait()
+        killed_mid_stage = not (workdir / stage / "manifest.json").exists()
         # The orphaned job process must not go on writing beside the next attempt.
         wait_for(lambda: not job_pids(workdir), 5, "the orphaned job process ending")
         b = worker("worker-b")
@@ -174,10 +177,12 @@ def test_kill_9_of_the_worker_during_critique(tmp_path: Path, policy_env: str, f
             a.kill()
     assert done.status == JobStatus.SUCCEEDED, done.error
     assert done.attempt == 2 and done.lease_owner is None
+    assert killed_mid_stage, f"the kill came after {stage} had finished; the test proved less than it claims"
     skipped = [e.data["stage"] for e in store.events(job.id, 0, 1000) if e.data.get("state") == "skipped"]
-    assert skipped == ["generate"]
-    assert (workdir / "generate" / "rows.jsonl").read_text() == generated  # resumed, not generated again
-    fault(killed="worker", during="critique", attempts=done.attempt, orphan=job_pid, **check_dataset(workdir))
+    assert skipped == ([] if stage == "generate" else ["generate"])
+    if generated is not None:
+        assert (workdir / "generate" / "rows.jsonl").read_text() == generated  # resumed, not generated again
+    fault(killed="worker", during=stage, attempts=done.attempt, orphan=job_pid, **check_dataset(workdir))
     store.engine.dispose()
 
 
