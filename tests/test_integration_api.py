@@ -86,13 +86,20 @@ def run_job(base: str, spec: dict, timeout_s: float) -> tuple[dict, list[dict]]:
     raise AssertionError(f"job {job_id} did not finish in {timeout_s} s; last state {job}")
 
 
-@pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("charter-home")
+def serving(home: Path):
+    """(URL, home) of `charter serve` on a free port for as long as the generator is open: a
+    module-scoped fixture's body (`yield from serving(home)`)."""
     port = free_port()
     proc = serve(home, port)
-    yield f"http://127.0.0.1:{port}", home
-    stop(proc)
+    try:
+        yield f"http://127.0.0.1:{port}", home
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, tmp_path_factory):
+    yield from serving(tmp_path_factory.mktemp("charter-home"))
 
 
 def test_tiny_job_end_to_end_through_rest(service):

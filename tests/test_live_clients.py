@@ -14,8 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from charter.pipelines.servers import free_port
-from tests.test_integration_api import serve, stop
+from tests.test_integration_api import serving
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +46,7 @@ def jsonl(rows: list[dict]) -> io.BytesIO:
 
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("charter-clients")
-    port = free_port()
-    proc = serve(home, port)
-    try:
-        yield f"http://127.0.0.1:{port}", home
-    finally:
-        stop(proc)
+    yield from serving(tmp_path_factory.mktemp("charter-clients"))
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import pytest
 
 from charter.pipelines import run
 from charter.pipelines.events import PREFIX
-from charter.pipelines.servers import free_port
-from tests.test_integration_api import run_job, serve, stop
+from tests.test_integration_api import run_job, serving
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +48,7 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("charter-home")
-    port = free_port()
-    proc = serve(home, port)
-    yield f"http://127.0.0.1:{port}", home
-    stop(proc)
+    yield from serving(tmp_path_factory.mktemp("charter-home"))
 
 
 @pytest.fixture(scope="module")

@@ -100,16 +100,8 @@ def policy_env(tiny_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def thread_worker(tmp_path: Path, policy_env: str) -> Iterator[tuple[JobStore, Worker]]:
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'charter.db'}")
-    store = make_store(settings.database_url)
-    worker = Worker(store, settings, worker_id="w-kill", job_command=real_job_command)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    thread.start()
-    yield store, worker
-    stop.set()
-    thread.join(30)
-    store.engine.dispose()
+    with running_worker(tmp_path, real_job_command) as store_and_worker:
+        yield store_and_worker
 
 
 def test_kill_9_of_the_job_process_during_generate(
@@ -203,9 +195,10 @@ TRAIN_SPEC = {
 
 @contextlib.contextmanager
 def running_worker(tmp_path: Path, job_command: Callable[..., list[str]]) -> Iterator[tuple[JobStore, Worker]]:
+    """A real Worker polling a fresh SQLite store in a thread, with the job command given."""
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'charter.db'}")
     store = make_store(settings.database_url)
-    worker = Worker(store, settings, worker_id="w-kill-train", job_command=job_command)
+    worker = Worker(store, settings, worker_id="w-kill", job_command=job_command)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()
