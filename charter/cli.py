@@ -94,6 +94,8 @@ def progress_text(data: dict[str, Any]) -> str:
         parts.append(f"{data['done']}/{data['total']} {data.get('unit', 'rows')}")
     if data.get("tokens_per_s") is not None:
         parts.append(f"{data['tokens_per_s']:.1f} tok/s")
+    if data.get("prompt_tokens_per_s"):  # prefill: what moves while the judge only scores (label)
+        parts.append(f"{data['prompt_tokens_per_s']:,.0f} prompt tok/s")
     if data.get("loss") is not None:
         parts.append(f"loss {data['loss']:.4f}")
     return "  ".join(parts)

@@ -336,7 +336,7 @@ class _Progress:
             if data.get("total"):
                 self._bar.total = data["total"]
             self._bar.n = data.get("done") or 0
-            extra = {k: v for k, v in data.items() if k in ("loss", "tokens_per_s")}
+            extra = {k: v for k, v in data.items() if k in ("loss", "tokens_per_s", "prompt_tokens_per_s")}
             self._bar.set_postfix(extra, refresh=False)
             self._bar.refresh()
         elif state == "done":

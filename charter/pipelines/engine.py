@@ -235,18 +235,24 @@ class Engine:
             await c.close()
 
 
-def server_tokens(base_urls: Sequence[str]) -> float | None:
-    """Tokens the servers have generated so far, from vLLM's Prometheus counter; None if unknown."""
+COUNTERS = {"generation": "vllm:generation_tokens_total", "prompt": "vllm:prompt_tokens_total"}
+
+
+def server_tokens(base_urls: Sequence[str]) -> dict[str, float] | None:
+    """{generation, prompt}: tokens the servers have generated and read so far, from vLLM's
+    Prometheus counters; None if unknown."""
     import urllib.request
 
-    total, seen = 0.0, False
+    total = dict.fromkeys(COUNTERS, 0.0)
+    seen = False
     for url in base_urls:
         try:
             with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=2) as r:
                 for line in r.read().decode().splitlines():
-                    if line.startswith("vllm:generation_tokens_total"):
-                        total += float(line.rsplit(" ", 1)[1])
-                        seen = True
+                    for kind, name in COUNTERS.items():
+                        if line.startswith(name):
+                            total[kind] += float(line.rsplit(" ", 1)[1])
+                            seen = True
         except (OSError, ValueError):
             return None
     return total if seen else None
@@ -256,13 +262,15 @@ async def gather_progress(
     coros: Sequence[Awaitable[T]],
     on_done: Callable[[int], None],
     engine: Engine | None = None,
-    on_tick: Callable[[int, float], None] | None = None,
+    on_tick: Callable[[int, dict[str, float]], None] | None = None,
     tick_s: float = 3.0,
 ) -> list[T]:
     """Like asyncio.gather (order kept), calling on_done(n_done) as each finishes.
 
     A batch's requests tend to finish together, so with `engine` and `on_tick` it also reports
-    every `tick_s` the live tokens/s read from the server's own counter.
+    every `tick_s` the live rates read from the server's own counters: on_tick(n_done,
+    {"generation": tok/s, "prompt": tok/s}). The prompt rate is the one that moves when the
+    requests are prefill only (label, the judge's A/B and Yes/No scoring).
     """
     done = 0
 
@@ -281,7 +289,7 @@ async def gather_progress(
             if n is None:
                 return
             now = time.monotonic()
-            on_tick(done, (n - last_n) / max(now - last_t, 1e-9))
+            on_tick(done, {k: (n[k] - last_n[k]) / max(now - last_t, 1e-9) for k in n})
             last_t, last_n = now, n
 
     tick = asyncio.create_task(ticker()) if engine is not None and on_tick is not None else None
@@ -290,6 +298,11 @@ async def gather_progress(
     finally:
         if tick:
             tick.cancel()
+
+
+def rates(tps: dict[str, float]) -> dict[str, float]:
+    """A tick's rates as progress fields: tokens_per_s (generated) and prompt_tokens_per_s."""
+    return {"tokens_per_s": round(tps["generation"], 1), "prompt_tokens_per_s": round(tps["prompt"], 1)}
 
 
 def run_batch(engine: Engine, coros: Sequence[Awaitable[T]], report: Any, **extra: Any) -> list[T]:
@@ -303,7 +316,7 @@ def run_batch(engine: Engine, coros: Sequence[Awaitable[T]], report: Any, **extr
                 coros,
                 lambda n: report.progress(n, total, tokens_per_s=round(engine.usage.tokens_per_s, 1), **extra),
                 engine,
-                lambda n, tps: report.progress(n, total, force=True, tokens_per_s=round(tps, 1), **extra),
+                lambda n, tps: report.progress(n, total, force=True, **rates(tps), **extra),
             )
         finally:
             await engine.close()

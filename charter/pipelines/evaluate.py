@@ -17,7 +17,7 @@ from typing import Any
 
 from charter.constitution import DEFAULT_COMPARISON, Constitution
 from charter.models import SAFE_TOKENIZER, SAFE_WEIGHTS
-from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.engine import Engine, gather_progress, rates
 from charter.pipelines.events import Reporter
 from charter.pipelines.label import compare
 from charter.spec import EvaluateSpec, JudgeSpec
@@ -163,6 +163,8 @@ def evaluate(
                     for p, t, b in zip(prompts, got["trained"][0], got[name][0], strict=True)
                 ],
                 lambda k: report.progress(k, n * len(names), phase="judging"),
+                judge,
+                lambda k, tps: report.progress(k, n * len(names), force=True, phase="judging", **rates(tps)),
             )
         finally:
             await judge.close()

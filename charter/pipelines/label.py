@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from charter.constitution import Constitution
 from charter.pipelines import judge as J
-from charter.pipelines.engine import Engine, gather_progress
+from charter.pipelines.engine import Engine, gather_progress, rates
 from charter.pipelines.events import Reporter
 from charter.spec import DataSpec, JudgeSpec
 
@@ -138,6 +138,8 @@ def _label_ai(
                     for (x, y), p in zip(candidates, principles, strict=True)
                 ],
                 lambda n: report.progress(n, len(candidates)),
+                judge,
+                lambda n, tps: report.progress(n, len(candidates), force=True, **rates(tps)),
             )
         finally:
             await judge.close()

@@ -140,3 +140,35 @@ def test_exact_letter_logprobs_match_the_prompt_logprobs_path(tiny_server):
     assert requests == 1  # one request per order on vLLM
     la, lb = (J.logsumexp([exact[i] for i in ids[x]]) for x in ("A", "B"))
     assert p == pytest.approx(J.preference(la, lb))
+
+
+def test_scoring_only_requests_report_the_prompt_token_rate(tiny_server):
+    """The judge's A/B scoring generates nothing (one logprob position): the live rate that moves
+    is the server's prompt tokens/s, read from vLLM's own counter on each tick."""
+    import asyncio
+
+    from charter.pipelines.engine import gather_progress, rates
+    from charter.pipelines.label import p_first
+
+    judge = engine(tiny_server)
+    ticks = []
+    prompt = [{"role": "user", "content": "Which is kinder, A or B? " + "Consider both with care. " * 40}]
+
+    async def scored(i):
+        await asyncio.sleep(0.05 * i)  # spread over a few ticks, as a stage's requests are
+        return await p_first(judge, prompt + [{"role": "user", "content": f"Case {i}."}], ("A", "B"), 1)
+
+    async def go():
+        try:
+            return await gather_progress(
+                [scored(i) for i in range(24)], lambda n: None, judge, lambda n, tps: ticks.append(tps), tick_s=0.2
+            )
+        finally:
+            await judge.close()
+
+    got = asyncio.run(go())
+    assert all(p is not None for p in got)
+    assert ticks, "no tick in the whole batch"
+    assert max(t["prompt"] for t in ticks) > 0
+    assert max(t["prompt"] for t in ticks) > max(t["generation"] for t in ticks)
+    assert set(rates(ticks[0])) == {"tokens_per_s", "prompt_tokens_per_s"}

@@ -299,3 +299,11 @@ def test_demo_server_starts_answers_and_stops(tmp_path: Path, monkeypatch: pytes
         cli._stop_server(server)
     assert server.returncode is not None
     assert "Application startup complete" in (tmp_path / "demo-serve.log").read_text()
+
+
+def test_progress_line_shows_the_prompt_rate_while_the_judge_only_scores() -> None:
+    from charter.cli import progress_text
+
+    scoring = {"stage": "label", "done": 12, "total": 32, "tokens_per_s": 0.0, "prompt_tokens_per_s": 2150.4}
+    assert progress_text(scoring) == "[label]  12/32 rows  0.0 tok/s  2,150 prompt tok/s"
+    assert "prompt" not in progress_text({**scoring, "prompt_tokens_per_s": 0.0})
