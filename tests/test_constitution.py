@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from charter import constitution
 from charter.errors import ConstitutionError
@@ -82,3 +83,19 @@ def test_hash_changes_with_content():
         "default",
     )
     assert a.sha256 != b.sha256
+
+
+def test_a_constitution_file_is_read_again_once_it_changes(tmp_path):
+    """Loads are cached per version of the file, never past an edit."""
+    from charter import constitution as C
+
+    data = yaml.safe_load((C.SHIPPED / "default.yaml").read_text())
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**data, "name": "first"}))
+    assert C.load(str(path)).name == "first"
+    assert C.load(str(path)) is C.load(str(path))  # the same version: parsed once
+    path.write_text(yaml.safe_dump({**data, "name": "second, a longer name"}))
+    assert C.load(str(path)).name == "second, a longer name"
+    path.write_text("principles: [")
+    with pytest.raises(ConstitutionError, match="not valid YAML"):
+        C.load(str(path))
