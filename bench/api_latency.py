@@ -1,12 +1,14 @@
 """The API: job submit latency under 50 concurrent clients, queue pick-up delay, API memory.
 
     .venv/bin/python bench/api_latency.py [--clients 50] [--per-client 10] [--backends sqlite,postgres]
+                                          [--specs same,unique]
 
 For each job store (SQLite in WAL mode; Postgres at 127.0.0.1:5432, a fresh schema):
 1. `charter serve --no-worker` as its own process (the production path: uvicorn, validation
    with TRL's parser in its warm subprocess, the store), a fresh CHARTER_HOME;
 2. `--clients` concurrent httpx clients each submit `--per-client` valid jobs in a row:
-   latency per POST /v1/jobs (201 only), p50/p99, submissions/s;
+   latency per POST /v1/jobs (201 only), p50/p99, submissions/s; with `same` specs the
+   validator answers from what it remembers, with `unique` ones TRL's parser runs every time;
 3. the API process's RSS (VmHWM = peak, VmRSS = now) after the burst, and its validator child's;
 4. queued → running: a real `Worker` (charter.service.worker) polls the same store, idle; jobs
    are submitted one at a time and the delay is started_at − created_at from the store (the
@@ -85,16 +87,25 @@ def drop_schema(schema: str) -> None:
         c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
 
 
-async def burst(base: str, clients: int, per_client: int) -> tuple[list[float], int, float]:
+def spec_for(i: int, unique: bool) -> dict:
+    """The i-th submission: the same spec every time, or one whose train.args no earlier
+    submission had (a distinct beta), so TRL's parser runs for it instead of the remembered answer."""
+    if not unique:
+        return SPEC
+    return {**SPEC, "train": {**SPEC["train"], "args": {**SPEC["train"]["args"], "beta": 0.1 + i * 1e-6}}}
+
+
+async def burst(base: str, clients: int, per_client: int, unique: bool) -> tuple[list[float], int, float]:
     lat: list[float] = []
     errors = 0
+    sent = iter(range(10**9))
 
     async def client() -> None:
         nonlocal errors
         async with httpx.AsyncClient(timeout=120) as h:
             for _ in range(per_client):
                 t = time.perf_counter()
-                r = await h.post(f"{base}/v1/jobs", json=SPEC)
+                r = await h.post(f"{base}/v1/jobs", json=spec_for(next(sent), unique))
                 if r.status_code == 201:
                     lat.append(time.perf_counter() - t)
                 else:
@@ -145,7 +156,7 @@ def queue_delay(env: dict[str, str], base: str, n: int) -> list[float]:
     return delays
 
 
-def run_backend(name: str, clients: int, per_client: int) -> dict:
+def run_backend(name: str, clients: int, per_client: int, unique: bool) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"charter-api-bench-{name}-"))
     port = free_port()
     env = {
@@ -175,7 +186,7 @@ def run_backend(name: str, clients: int, per_client: int) -> dict:
         idle = rss_kib(proc.pid)
         for _ in range(5):  # warm: the validator subprocess starts on first use
             httpx.post(f"{base}/v1/jobs", json=SPEC, timeout=120).raise_for_status()
-        lat, errors, wall = asyncio.run(burst(base, clients, per_client))
+        lat, errors, wall = asyncio.run(burst(base, clients, per_client, unique))
         api = rss_kib(proc.pid)
         kids = {str(c): rss_kib(c) for c in children(proc.pid)}
         delays = queue_delay({k: v for k, v in env.items() if k.startswith(("CHARTER_", "DATABASE_URL"))}, base, 5)
@@ -186,6 +197,7 @@ def run_backend(name: str, clients: int, per_client: int) -> dict:
             drop_schema(schema)
     return {
         "backend": name,
+        "specs": "unique" if unique else "same",
         "submissions": len(lat),
         "errors": errors,
         "p50_ms": round(1000 * statistics.median(lat), 1),
@@ -205,19 +217,29 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--per-client", type=int, default=10)
     ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument(
+        "--specs",
+        default="same,unique",
+        help="same: every submission the same spec (TRL's answer remembered); unique: train.args no "
+        "submission had before, so the parser runs for each",
+    )
     ns = ap.parse_args()
-    results = [run_backend(b, ns.clients, ns.per_client) for b in ns.backends.split(",")]
+    results = [
+        run_backend(b, ns.clients, ns.per_client, s == "unique")
+        for b in ns.backends.split(",")
+        for s in ns.specs.split(",")
+    ]
     out = {"command": " ".join([".venv/bin/python", *sys.argv]), "cpus": os.cpu_count(), "results": results}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "api_latency.json").write_text(json.dumps(out, indent=2))
     print(f"$ {out['command']}")
     print(
-        f"{'store':<10}{'submits':>8}{'errors':>7}{'p50 ms':>8}{'p99 ms':>8}{'per s':>7}"
+        f"{'store':<10}{'specs':>7}{'submits':>8}{'errors':>7}{'p50 ms':>8}{'p99 ms':>8}{'per s':>7}"
         f"{'API RSS MiB':>13}{'queued→running s':>19}"
     )
     for r in results:
         print(
-            f"{r['backend']:<10}{r['submissions']:>8}{r['errors']:>7}{r['p50_ms']:>8}{r['p99_ms']:>8}{r['per_s']:>7}"
+            f"{r['backend']:<10}{r['specs']:>7}{r['submissions']:>8}{r['errors']:>7}{r['p50_ms']:>8}{r['p99_ms']:>8}{r['per_s']:>7}"
             f"{r['api_rss_mib_after']:>13}{r['queued_to_running_median_s']:>19}"
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import difflib
 import io
 import json
@@ -186,7 +187,23 @@ def _parse(parser: Any, argv: list[str]) -> tuple[Any | None, str | None]:
 
 
 def check(method: str, args: dict[str, Any], cpu: bool = True) -> list[dict[str, Any]]:
-    """Problems with `args` for `method`, as [{loc, msg}]; empty when TRL accepts them."""
+    """Problems with `args` for `method`, as [{loc, msg}]; empty when TRL accepts them.
+
+    The answer depends on nothing but its inputs, so the validator process keeps the last few
+    hundred: a team submitting the same recipe again (or a sweep's shared keys) skips TRL's parser,
+    whose config __post_init__ is most of a submit's time once the rest is warm."""
+    key = json.dumps([method, args, cpu], sort_keys=True, default=str)
+    if key not in _checked:
+        if len(_checked) >= 512:
+            _checked.pop(next(iter(_checked)))  # the oldest
+        _checked[key] = _check(method, args, cpu)
+    return copy.deepcopy(_checked[key])
+
+
+_checked: dict[str, list[dict[str, Any]]] = {}
+
+
+def _check(method: str, args: dict[str, Any], cpu: bool) -> list[dict[str, Any]]:
     from transformers import HfArgumentParser
 
     cls = config_class(method)

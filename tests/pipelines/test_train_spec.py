@@ -140,3 +140,22 @@ def test_no_train_args_turn_on_remote_code_or_pickle_weights(tmp_path):
     no_remote_code(cfg)
     assert cfg.trust_remote_code is False
     assert cfg.model_init_kwargs == {"dtype": "float32", "trust_remote_code": False, "use_safetensors": True}
+
+
+def test_train_args_checks_are_remembered_per_exact_input(monkeypatch):
+    """The validator answers a repeated (method, args) without running TRL's parser again, and
+    the answer it keeps cannot be changed by a caller; other args are parsed afresh."""
+    calls = []
+    real = trl_args._parse
+    monkeypatch.setattr(trl_args, "_parse", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(trl_args, "_checked", {})
+    bad = {"beta": "high"}
+    first = trl_args.check("dpo", bad)
+    parsed = len(calls)
+    assert parsed >= 1 and first and first[0]["loc"] == ["train", "args", "beta"]
+    first[0]["loc"].append("mutated")
+    assert trl_args.check("dpo", bad) == [{**first[0], "loc": ["train", "args", "beta"]}]
+    assert len(calls) == parsed  # not parsed again
+    assert trl_args.check("dpo", {"beta": 0.2}) == [] and len(calls) > parsed
+    before = len(calls)
+    assert trl_args.check("dpo", bad, cpu=False) and len(calls) > before  # cpu is part of the key
