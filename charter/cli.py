@@ -96,8 +96,13 @@ def progress_text(data: dict[str, Any]) -> str:
         parts.append(f"{data['tokens_per_s']:.1f} tok/s")
     if data.get("prompt_tokens_per_s"):  # prefill: what moves while the judge only scores (label)
         parts.append(f"{data['prompt_tokens_per_s']:,.0f} prompt tok/s")
+    if "done" not in data and data.get("step") is not None:  # a metrics event
+        parts.append(f"step {data['step']}")
     if data.get("loss") is not None:
         parts.append(f"loss {data['loss']:.4f}")
+    for key in ("reward", "kl"):  # what an RL method's run is watched by
+        if isinstance(data.get(key), int | float):
+            parts.append(f"{key} {data[key]:.4g}")
     return "  ".join(parts)
 
 

@@ -16,7 +16,7 @@ from charter.spec import MonitorsSpec
 # TRL's log keys → charter's stable metric names (first present wins). Per-source rewards
 # (`rewards/<name>/mean|std`, GRPO/RLOO) become `reward/<name>/mean|std`.
 METRIC_NAMES = {
-    "loss": ("loss",),
+    "loss": ("loss", "loss/policy_avg"),  # PPO: the policy's clipped loss (its value loss stays loss/value_avg)
     "reward": ("reward", "objective/scores"),
     "reward_std": ("reward_std",),
     "kl": ("kl", "objective/kl"),
@@ -65,8 +65,9 @@ def callback(report: Reporter, monitors: MonitorsSpec, history: list[dict]) -> A
             m = {"stage": report.stage or "train", "step": state.global_step, "epoch": state.epoch, **m}
             history.append(m)
             report.metrics(m)
-            if "loss" in m:
-                report.progress(state.global_step, state.max_steps, force=True, loss=m["loss"])
+            if shown := {k: m[k] for k in ("loss", "reward") if k in m}:
+                total = state.max_steps if state.max_steps and state.max_steps > 0 else None
+                report.progress(state.global_step, total, force=True, unit="steps", **shown)
             for name, msg in self.check(m):
                 if name in self.fired:
                     continue

@@ -220,7 +220,10 @@ def train(
         )
     report.started(
         "train",
-        total=trainer.args.max_steps if trainer.args.max_steps > 0 else None,
+        # PPO counts its updates itself (num_total_batches); the others know theirs once train() starts
+        total=trainer.args.max_steps
+        if trainer.args.max_steps > 0
+        else getattr(trainer.args, "num_total_batches", None),
         method=method,
         lora=bool(spec.lora),
         rows=len(rows),

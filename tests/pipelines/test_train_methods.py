@@ -196,6 +196,12 @@ def test_ppo_with_a_reward_job(tiny_model, tmp_path, reward_job, lora):
     assert info["steps"] == 2
     logged = [m for m in metrics(out) if "reward" in m]
     assert len(logged) == 2 and all("kl" in m and "clip_fraction" in m and "entropy" in m for m in logged)
+    assert all("loss" in m and "loss/policy_avg" not in m for m in logged)  # PPO's policy loss, named `loss`
+    stage = [e["data"] for e in events(out) if e["type"] == "stage" and e["data"]["stage"] == "train"]
+    assert stage[0]["state"] == "started" and stage[0]["total"] == 2  # its updates, known before it starts
+    progress = [d for d in stage if d["state"] == "progress"]
+    assert [(d["done"], d["total"], d["unit"]) for d in progress] == [(1, 2, "steps"), (2, 2, "steps")]
+    assert all("reward" in d and "loss" in d for d in progress)
     assert (tmp_path / info["kind"]).is_dir()
 
 

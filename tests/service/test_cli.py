@@ -307,3 +307,13 @@ def test_progress_line_shows_the_prompt_rate_while_the_judge_only_scores() -> No
     scoring = {"stage": "label", "done": 12, "total": 32, "tokens_per_s": 0.0, "prompt_tokens_per_s": 2150.4}
     assert progress_text(scoring) == "[label]  12/32 rows  0.0 tok/s  2,150 prompt tok/s"
     assert "prompt" not in progress_text({**scoring, "prompt_tokens_per_s": 0.0})
+
+
+def test_progress_line_of_an_rl_metrics_event_shows_step_reward_and_kl() -> None:
+    from charter.cli import progress_text
+
+    ppo = {"stage": "rl.k1.train", "step": 7, "reward": 0.36173, "kl": 25.223, "entropy": 51.1}
+    assert progress_text(ppo) == "[rl.k1.train]  step 7  reward 0.3617  kl 25.22"
+    assert progress_text({"stage": "train", "done": 3, "total": 8, "unit": "steps", "loss": 0.5}) == (
+        "[train]  3/8 steps  loss 0.5000"
+    )
