@@ -143,11 +143,23 @@ def print_summary(job: dict[str, Any], out: IO[str] | None = None) -> None:
         ("dropped", report.get("dropped")),
         ("mean length", report.get("mean_length")),
     ]
+    for name, vs in (report.get("versus") or {}).items():  # the recipe: against the SFT policy too
+        if name != "base":
+            rows += [(f"win rate vs {name}", vs.get("win_rate")), ("  95% CI", vs.get("win_rate_ci95"))]
     if report:
         print("evaluation (trained vs base, judged in both orders):", file=out)
         for label, value in rows:
             if value is not None:
                 print(f"  {label:<20}{_fmt(value)}", file=out)
+    for r in report.get("rl") or []:  # the recipe's RL-CAI rounds
+        held = (r.get("reward") or {}).get("heldout") or {}
+        t = r.get("train") or {}
+        parts = [f"pairs {r.get('pairs')}"]
+        if held.get("accuracy") is not None:
+            parts.append(f"reward model held-out accuracy {_fmt(held['accuracy'])}")
+        if t.get("first_reward") is not None and t.get("final_reward") is not None:
+            parts.append(f"reward {_fmt(t['first_reward'])} → {_fmt(t['final_reward'])}")
+        print(f"  round {r.get('round')}: {', '.join(parts)}", file=out)
     artifacts = job.get("artifacts") or {}
     if artifacts:
         print("artifacts:", file=out)

@@ -317,3 +317,26 @@ def test_progress_line_of_an_rl_metrics_event_shows_step_reward_and_kl() -> None
     assert progress_text({"stage": "train", "done": 3, "total": 8, "unit": "steps", "loss": 0.5}) == (
         "[train]  3/8 steps  loss 0.5000"
     )
+
+
+def test_summary_of_a_recipe_shows_the_sft_comparison_and_each_round() -> None:
+    report = {
+        "win_rate": 0.6,
+        "win_rate_ci95": [0.4, 0.8],
+        "versus": {"base": {"win_rate": 0.6}, "sft": {"win_rate": 0.55, "win_rate_ci95": [0.35, 0.75]}},
+        "rl": [
+            {
+                "round": 1,
+                "pairs": 32,
+                "reward": {"heldout": {"accuracy": 0.75}},
+                "train": {"first_reward": 0.5, "final_reward": 0.9},
+            },
+            {"round": 2, "pairs": 30, "train": {}},
+        ],
+    }
+    out = io.StringIO()
+    cli.print_summary({"id": "job-r", "status": "succeeded", "report": report, "artifacts": {}}, out)
+    text = out.getvalue()
+    assert "  win rate vs sft     0.550\n    95% CI            [0.350, 0.750]" in text
+    assert "  round 1: pairs 32, reward model held-out accuracy 0.750, reward 0.500 → 0.900" in text
+    assert "  round 2: pairs 30\n" in text
