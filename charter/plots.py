@@ -18,6 +18,7 @@ def plot_curve(history: list[dict[str, Any]], path: Path | io.BytesIO, method: s
     # A bare Figure renders with Agg without pyplot's global state (thread-safe in the API)
     # and without importing pyplot and its backends, which cost a job about a second.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = [
         ("loss", ["loss"]),
@@ -43,6 +44,7 @@ def plot_curve(history: list[dict[str, Any]], path: Path | io.BytesIO, method: s
         if len(keys) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{method} training")
