@@ -30,6 +30,7 @@ from charter.pipelines.engine import Engine
 from charter.pipelines.evaluate import answers, evaluate
 from charter.pipelines.events import Reporter
 from charter.pipelines.label import label
+from charter.pipelines.revise import sft_rows as revised_sft_rows
 from charter.pipelines.train import merge_adapter, train
 from charter.spec import JobSpec, RewardModelSource, TrainSpec, recipe_errors
 
@@ -40,21 +41,19 @@ def run_recipe(
     spec: JobSpec,
     wd: Workdir,
     revised_rows: Callable[[], tuple[list[dict], str]],
-    c: constitutions.Constitution,
-    judge: Callable[[], Engine],
+    ctx: dict[str, Any],
     base_path: str,
     report: Reporter,
 ) -> dict[str, Any]:
-    """SL-CAI, `spec.rl_rounds` rounds of RL-CAI, evaluation; returns the job's {report, artifacts}."""
+    """SL-CAI, `spec.rl_rounds` rounds of RL-CAI, evaluation; returns the job's {report, artifacts}.
+
+    `ctx` is run.reward_context: the constitution, the judge's engine factory, its retries and
+    ARTIFACT_ROOT, which the stages here and the rounds' reward sources share."""
     if errors := recipe_errors(spec):
         raise SpecError(errors)
     seed, method = spec.data.seed, spec.train.method
-    ctx = {
-        "constitution": c,
-        "judge_engine": judge,
-        "judge_retries": spec.judge.retries,
-        "artifact_root": wd.root.parent,
-    }
+    c: constitutions.Constitution = ctx["constitution"]
+    judge: Callable[[], Engine] = ctx["judge_engine"]
 
     def step(name: str, kind: str, fn: Callable[[Reporter], tuple[list[dict], dict]], parents: list[str]) -> list:
         """A data stage under its full name (`rl.k1.label`); skipped when its manifest exists."""
@@ -85,11 +84,7 @@ def run_recipe(
 
     # SL-CAI: the final revisions are the SFT data
     revised, parent = revised_rows()
-    sft_rows = [
-        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
-        for r in revised
-        if r["revisions"][-1]
-    ]
+    sft_rows = revised_sft_rows(revised)
     if not sft_rows:
         raise RuntimeError("no revisions to fine-tune on: every revision came back empty; raise judge.max_tokens")
     sft_spec = TrainSpec(method="sft", lora=spec.train.lora, args=spec.sft.args if spec.sft else {})

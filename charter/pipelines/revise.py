@@ -39,3 +39,12 @@ def revise(
         "tokens_per_s": round_(judge.usage.tokens_per_s),
     }
     return new_rows, counts
+
+
+def sft_rows(revised: list[dict]) -> list[dict]:
+    """SL-CAI's data: each prompt with its final revision as the answer (`messages`), empty ones left out."""
+    return [
+        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
+        for r in revised
+        if r["revisions"][-1]
+    ]

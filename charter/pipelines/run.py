@@ -40,6 +40,7 @@ from charter.pipelines.generate import generate
 from charter.pipelines.label import label
 from charter.pipelines.recipe import run_recipe
 from charter.pipelines.revise import revise
+from charter.pipelines.revise import sft_rows as revised_sft_rows
 from charter.pipelines.train import train
 from charter.settings import Settings
 from charter.spec import JobSpec
@@ -91,7 +92,7 @@ def run_job(
         def revised() -> tuple[list[dict], str]:
             return _revised_rows(spec, stage, c, judge, policy, report)
 
-        return run_recipe(spec, wd, revised, c, judge, policy_path, report)
+        return run_recipe(spec, wd, revised, reward_context(spec, c, judge_url, workdir.parent), policy_path, report)
 
     method = spec.train.method
     online = method in ONLINE
@@ -250,11 +251,7 @@ def _constitutional_rows(
         pairs = labelled.result() if labelled else label_stage(revised, parent, report)
     finally:
         beside.shutdown(wait=False, cancel_futures=True)
-    sft_rows = [
-        {"messages": r["prompt"] + [{"role": "assistant", "content": r["revisions"][-1]}], "source_id": r["id"]}
-        for r in revised
-        if r["revisions"][-1]
-    ]
+    sft_rows = revised_sft_rows(revised)
     return pairs, sft_rows, wd.manifest("label")["counts"], parent
 
 
